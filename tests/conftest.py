@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny embedded pair prepared once per session (seconds, not minutes),
+hermetic W&B and cache locations."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = str(ROOT / "conf")
+
+# Small enough to prepare in seconds; the same code path as the default pair.
+TINY_PAIR = [
+    "model.embedded.teacher.steps=40", "model.embedded.teacher.stop_accuracy=null",
+    "model.embedded.teacher.layers=1", "model.embedded.teacher.hidden=32", "model.embedded.teacher.heads=1", "model.embedded.teacher.kv_heads=1", "model.embedded.teacher.intermediate=64",
+    "model.embedded.student.steps=20", "model.embedded.student.layers=1", "model.embedded.student.hidden=32",
+    "model.embedded.student.intermediate=64", "model.embedded.student.heads=1", "model.embedded.student.kv_heads=1", "task.eval_size=12", "rollout.max_completion_length=40",
+]
+TINY_RUN = ["steps=2", "eval_every=1", "prompts_per_step=4", "rollouts_per_prompt=2", "eval.samples=1"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hermetic_env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("env")
+    os.environ.setdefault("TIPDISTILL_CACHE", str(base / "cache"))
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        os.environ[var] = str(base / var.lower())
+    os.environ["WANDB_MODE"] = os.environ.get("WANDB_MODE", "offline")
+    os.environ.pop("WANDB_API_KEY", None)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    return base
+
+
+def compose(overrides: list[str] | None = None):
+    """The real Hydra composition of conf/train.yaml, as the CLI does it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tipdistill.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=list(overrides or []))
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(hermetic_env):
+    """(student_dir, teacher_dir, typed config) of a tiny prepared embedded pair."""
+    from tipdistill.config import validate
+    from tipdistill.models import resolve_pair
+
+    cfg = validate(compose(TINY_PAIR))
+    student, teacher = resolve_pair(cfg)
+    return student, teacher, cfg

@@ -1,0 +1,40 @@
+import random
+
+from tipdistill.config import TaskConfig
+from tipdistill.tasks import TASKS, build_task
+from tipdistill.tasks.arithmetic import extract_answer, solve
+
+
+def test_solution_format_and_carry():
+    assert solve(43, 75) == "3+5=8;4+7=11;ANSWER 118"
+    assert solve(876, 530) == "6+0=6;7+3=10;8+5+1=14;ANSWER 1406"
+
+
+def test_checker_exact_match_after_last_answer():
+    task = build_task(TaskConfig())
+    p = task.train_problems(random.Random(0), 1)[0]
+    assert task.score(p, task.solution(p)) == 1.0
+    assert task.score(p, f"ANSWER 1;ANSWER {p.answer}") == 1.0
+    assert task.score(p, f"ANSWER {p.answer};ANSWER 1") == 0.0
+    assert task.score(p, "no answer here") == 0.0
+    assert task.score(p, f"ANSWER {int(p.answer) + 1}") == 0.0
+    assert extract_answer("x;ANSWER 1406") == "1406"
+
+
+def test_held_out_split_is_fixed_and_excluded_from_training():
+    a, b = build_task(TaskConfig()), build_task(TaskConfig())
+    assert [p.prompt for p in a.eval_problems()] == [p.prompt for p in b.eval_problems()]
+    assert len({p.prompt for p in a.eval_problems()}) == 300
+    held = {p.prompt for p in a.eval_problems()}
+    train = a.train_problems(random.Random(1), 5000)
+    assert not held & {p.prompt for p in train}
+    assert {len(p.meta and str(p.meta["a"])) for p in a.eval_problems()} == {2, 3, 4}
+
+
+def test_registry_lists_valid_names():
+    import pytest
+
+    from tipdistill.config import ConfigError
+
+    with pytest.raises(ConfigError, match="valid: arithmetic"):
+        TASKS.check("nope")

@@ -1,0 +1,117 @@
+"""[0] `tipdistill <train|prepare|analyze|report> [hydra flags] key=value ...` (default: train).
+
+Hydra has no subcommands, so the first argument is popped here before the Hydra app sees argv.
+The config directory is passed as an absolute path: with a console script, a relative
+`config_path` would be looked up as a Python package (hydra issue 2125).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from tipdistill.config import ConfigError, register_configs, to_plain, validate
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+log = logging.getLogger("tipdistill")
+
+
+def _safe(text: str) -> str:
+    """Directory-safe text: hub ids like Qwen/Qwen3-4B must not create nested directories."""
+    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", text)[:200]
+
+
+if not OmegaConf.has_resolver("safe"):
+    OmegaConf.register_new_resolver("safe", _safe)
+
+
+def _fail(exc: Exception) -> None:
+    print(f"tipdistill: error: {exc}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _typed(cfg: DictConfig):
+    """Validate before any heavy work; one clear line and exit code 2 on bad input."""
+    try:
+        return validate(cfg)
+    except ConfigError as exc:
+        _fail(exc)
+
+
+def _run_identity() -> tuple[str, str | None]:
+    """(run name, W&B group): `type_aware-keep0.2-seed1` from the overrides; the sweep dir as group."""
+    from tipdistill.sinks import run_name_from_overrides
+
+    hc = HydraConfig.get()
+    name = run_name_from_overrides(list(hc.overrides.task))
+    group = Path(hc.sweep.dir).name if str(hc.mode) == "RunMode.MULTIRUN" else None
+    return name, group
+
+
+def train_task(cfg: DictConfig) -> float:
+    from tipdistill.train import train, write_resolved_config
+
+    OmegaConf.set_struct(cfg, False)
+    cfg.output_dir = HydraConfig.get().runtime.output_dir
+    typed = _typed(cfg)
+    run_dir = Path(typed.output_dir)
+    write_resolved_config(to_plain(cfg), run_dir)
+    name, group = _run_identity()
+    try:
+        summary = train(typed, run_dir, run_name=name, group=group)
+    except ConfigError as exc:
+        _fail(exc)
+    log.info("summary: %s", summary)
+    log.info("run directory: %s", run_dir)
+    return float(summary["eval/accuracy_end"])  # the objective a sweeper optimises
+
+
+def prepare_task(cfg: DictConfig) -> None:
+    from tipdistill import embedded
+
+    typed = _typed(cfg)
+    if typed.model.embedded is None:
+        _fail(ConfigError(f"model={typed.model.name} is not an embedded pair; fix: `tipdistill prepare` builds model=embedded pairs only"))
+    out = embedded.prepare(typed.model.embedded, typed.task, typed.rollout.max_completion_length)
+    print((out / "prepare.json").read_text())
+    print(f"prepared pair: {out}")
+
+
+def analyze_task(cfg: DictConfig) -> None:
+    from tipdistill.analyze import analyze
+
+    typed = _typed(cfg)
+    try:
+        analyze(typed, Path(HydraConfig.get().runtime.output_dir))
+    except ConfigError as exc:
+        _fail(exc)
+
+
+def _hydra_app(task):
+    return hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")(task)
+
+
+COMMANDS = {"train": train_task, "prepare": prepare_task, "analyze": analyze_task}
+
+
+def main() -> None:
+    argv = sys.argv
+    cmd = argv.pop(1) if len(argv) > 1 and argv[1] in (*COMMANDS, "report") else "train"
+    if cmd == "report":
+        from tipdistill.report import main_report
+
+        sys.exit(main_report(argv[1:]))
+    register_configs()
+    if not any(a.startswith("hydra.job.name=") for a in argv):
+        argv.append(f"hydra.job.name={cmd}")
+    _hydra_app(COMMANDS[cmd])()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""[0] Typed config schemas, validated once at start-up.
+
+Every YAML file under conf/ merges into these dataclasses, so an unknown key or a wrongly typed
+value fails at composition time (Hydra's error). `validate(cfg)` then runs the range checks in
+`__post_init__` and raises `ConfigError` with one line that says what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message is one line: the problem, then the fix."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_choice(value: str, choices, what: str, key: str) -> None:
+    _check(value in choices, f"unknown {what} '{value}'; valid: {', '.join(sorted(choices))} (set {key}=<one of them>)")
+
+
+VLLM_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+@dataclass
+class NetConfig:
+    """Size and pre-training recipe of one embedded Qwen2 model (built and trained by `prepare`)."""
+
+    layers: int = 2
+    hidden: int = 96
+    intermediate: int = 384
+    heads: int = 3  # head size hidden/heads must be one vLLM's CPU attention supports (32, 64, 80, 96, 128, ...)
+    kv_heads: int = 3
+    steps: int = 400
+    lr: float = 1e-3
+    warmup: int = 50
+    batch_size: int = 64
+    schedule: str = "constant"  # constant | cosine; a constant-lr student stays movable by distillation
+    stop_accuracy: Optional[float] = None  # stop early once greedy held-out accuracy reaches this
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "hidden", "intermediate", "heads", "kv_heads", "steps", "batch_size"):
+            _check(getattr(self, name) > 0, f"model.embedded.*.{name} must be > 0, got {getattr(self, name)}")
+        _check(self.hidden % self.heads == 0, f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        _check(self.hidden // self.heads in VLLM_HEAD_SIZES,
+               f"head size hidden/heads = {self.hidden // self.heads} is not one vLLM's CPU attention supports "
+               f"({', '.join(map(str, VLLM_HEAD_SIZES))}); fix: change model.embedded.<net>.hidden or .heads")
+        _check(self.heads % self.kv_heads == 0, f"heads ({self.heads}) must be divisible by kv_heads ({self.kv_heads})")
+        _check_choice(self.schedule, ("constant", "cosine"), "pre-training schedule", "model.embedded.<net>.schedule")
+
+
+@dataclass
+class EmbeddedConfig:
+    """The download-free pair: a character tokenizer and two small causal LMs trained on the task."""
+
+    teacher: NetConfig = field(default_factory=lambda: NetConfig(layers=3, hidden=128, intermediate=512, heads=4, kv_heads=2, steps=1500, lr=2e-3, warmup=100, schedule="cosine", stop_accuracy=0.97))
+    student: NetConfig = field(default_factory=NetConfig)
+    vocab_pad_to: int = 0  # >0: pad the LM head to this width (ids never produced), a realistic-vocab variant
+    seed: int = 1234
+    cache_dir: str = "~/.cache/tipdistill"
+
+
+@dataclass
+class ModelConfig:
+    """[0] Who distils whom. `student`/`teacher` are hub ids or local HF-format directories;
+    null means the embedded pair that `tipdistill prepare` builds and caches."""
+
+    name: str = "embedded"
+    student: Optional[str] = None
+    teacher: Optional[str] = None
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    trust_remote_code: bool = False
+    embedded: Optional[EmbeddedConfig] = field(default_factory=EmbeddedConfig)  # null for hub/local pairs
+
+    def __post_init__(self) -> None:
+        _check_choice(self.dtype, ("float32", "bfloat16", "float16"), "dtype", "model.dtype")
+        if self.embedded is None:
+            _check(self.student is not None and self.teacher is not None,
+                   "model.student and model.teacher must be set for a non-embedded pair (a hub id or a local directory)")
+
+
+@dataclass
+class TaskConfig:
+    """[1] Where prompts come from and how answers are checked."""
+
+    name: str = "arithmetic"
+    digits: list[int] = field(default_factory=lambda: [2, 3, 4])  # arithmetic: operand lengths
+    eval_size: int = 300  # held-out problems, excluded from every training stream
+    eval_seed: int = 7
+    path: Optional[str] = None  # a local jsonl/parquet file or a hub data set name (real tasks)
+
+    def __post_init__(self) -> None:
+        _check(self.eval_size > 0, f"task.eval_size must be > 0, got {self.eval_size}")
+        _check(all(d > 0 for d in self.digits), f"task.digits must be positive, got {self.digits}")
+
+
+@dataclass
+class RolloutConfig:
+    """[2] Generation backend and sampling (TRL's names)."""
+
+    engine: str = "vllm"  # vllm | hf
+    max_completion_length: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    vllm_kv_cache_gib: float = 1.0  # CPU: VLLM_CPU_KVCACHE_SPACE
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_max_num_seqs: int = 256
+    vllm_enable_sleep_mode: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.max_completion_length > 0, f"rollout.max_completion_length must be > 0, got {self.max_completion_length}")
+        _check(self.temperature > 0, f"rollout.temperature must be > 0 for on-policy sampling, got {self.temperature}")
+        _check(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        _check(self.top_k >= 0, f"rollout.top_k must be >= 0 (0 = off), got {self.top_k}")
+
+
+@dataclass
+class SelectorConfig:
+    """[4] Which response tokens the update trains on; the ratio is the top-level `keep`."""
+
+    name: str = "full"
+    granularity: str = "per_sequence"  # per_sequence: floor(keep*m) of each rollout | per_batch
+    entropy_clip_quantile: float = 0.98  # clip h at this batch quantile before min-max scaling
+    rkl_clip_quantile: Optional[float] = None  # the paper does not clip delta; set e.g. 0.98 to do so
+
+    def __post_init__(self) -> None:
+        _check_choice(self.granularity, ("per_sequence", "per_batch"), "selection granularity", "selector.granularity")
+        _check(0 < self.entropy_clip_quantile <= 1, f"selector.entropy_clip_quantile must be in (0, 1], got {self.entropy_clip_quantile}")
+
+
+@dataclass
+class ScoringConfig:
+    """[4a] Per-token statistics: chunking and the (configurable, paper-less) quadrant thresholds."""
+
+    chunk_size: int = 512  # positions per LM-head chunk; bounds the no-grad logits buffer
+    entropy_threshold: float = 0.1  # h (entropy / ln|V|) above this counts as "high entropy"
+    rkl_threshold: float = 0.1  # reverse KL (nats) above this counts as "high divergence"
+    token_dump_every: int = 50  # steps between per-token parquet dumps (0 = never)
+    token_dump_sequences: int = 4  # rollouts per dump
+
+    def __post_init__(self) -> None:
+        _check(self.chunk_size > 0, f"scoring.chunk_size must be > 0, got {self.chunk_size}")
+
+
+@dataclass
+class LossConfig:
+    """[5] The per-token divergence; the direction is in the name."""
+
+    name: str = "reverse_kl"  # reverse_kl = KL(student||teacher) | forward_kl = KL(teacher||student) | jsd
+    beta: float = 0.5  # jsd only: 0 -> forward KL end, 1 -> reverse KL end (TRL's convention)
+    chunk_size: int = 512  # kept positions per LM-head chunk in the grad path
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.beta <= 1, f"loss.beta must be in [0, 1], got {self.beta}")
+        _check(self.chunk_size > 0, f"loss.chunk_size must be > 0, got {self.chunk_size}")
+
+
+@dataclass
+class OptimConfig:
+    """[6] AdamW with warmup, then constant or cosine."""
+
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    schedule: str = "constant"  # constant | cosine
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check_choice(self.schedule, ("constant", "cosine"), "lr schedule", "optim.schedule")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class LoggerConfig:
+    """[7] Extra metric sink; metrics.jsonl and summary.json are always written."""
+
+    name: str = "none"  # none | wandb
+    project: str = "tipdistill"
+    entity: Optional[str] = None
+    mode: Optional[str] = None  # online | offline | disabled; null: online with an API key, else offline
+    tags: list[str] = field(default_factory=list)
+    table_every: int = 50  # steps between sampled-rollout tables (0 = never)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out accuracy: sampled at temperature 1.0 (mean over `samples` per problem) and greedy."""
+
+    samples: int = 2
+    greedy: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.samples > 0, f"eval.samples must be > 0, got {self.samples}")
+
+
+@dataclass
+class TrainConfig:
+    """[0] The primary config of `tipdistill train`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    keep: float = 1.0  # retention ratio rho in (0, 1]; ignored by selector=full
+    seed: int = 0
+    steps: int = 150
+    eval_every: int = 50
+    prompts_per_step: int = 32
+    rollouts_per_prompt: int = 2
+    micro_batch_size: int = 64  # sequences per forward/backward; gradients accumulate over the step
+    device: str = "auto"  # auto | cpu | cuda
+    output_dir: str = "."
+
+    def __post_init__(self) -> None:
+        _check(0 < self.keep <= 1, f"keep must be in (0, 1], got {self.keep} (e.g. keep=0.2 trains on 20% of response tokens)")
+        for name in ("steps", "prompts_per_step", "rollouts_per_prompt", "micro_batch_size"):
+            _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        _check(self.eval_every >= 0, f"eval_every must be >= 0 (0 = only at start and end), got {self.eval_every}")
+        _check_choice(self.device, ("auto", "cpu", "cuda"), "device", "device")
+        from tipdistill.registry import check_names
+
+        check_names(self)
+
+
+def register_configs() -> None:
+    """Make the schemas available to Hydra's defaults lists (conf/train.yaml names `base_train`)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_train", node=TrainConfig)
+
+
+def validate(cfg: DictConfig) -> TrainConfig:
+    """Turn the composed config into a typed, range-checked TrainConfig (raises ConfigError)."""
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except ConfigError:
+        raise
+    except Exception as exc:  # omegaconf validation errors: keep the first line only
+        raise ConfigError(str(exc).splitlines()[0]) from None
+
+
+def to_plain(cfg: Any) -> dict:
+    """Resolved plain dict of a config (for logs and W&B: never hand it a DictConfig)."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]

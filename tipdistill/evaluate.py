@@ -1,0 +1,28 @@
+"""Held-out accuracy through the rollout engine: sampled (mean over k samples, temperature 1.0,
+the paper's mean@k), pass@k, and greedy. Seeds are passed per call, so evaluation never touches
+the training random stream."""
+
+from __future__ import annotations
+
+from tipdistill.tasks import Problem, encode_prompt
+
+
+def evaluate(engine, task, tokenizer, problems: list[Problem], *, samples: int, greedy: bool, max_tokens: int, seed: int) -> dict:
+    prompt_ids = [encode_prompt(tokenizer, p.prompt) for p in problems]
+
+    def scores(n: int, temperature: float) -> list[list[float]]:
+        out = engine.generate(prompt_ids, n, temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_tokens, seed=seed)
+        flat = [task.score(problems[i // n], tokenizer.decode(r, skip_special_tokens=True)) for i, r in enumerate(out)]
+        return [flat[i * n : (i + 1) * n] for i in range(len(problems))]
+
+    sampled = scores(samples, 1.0)
+    m = {
+        "eval/accuracy": sum(s == 1.0 for row in sampled for s in row) / (len(problems) * samples),
+        f"eval/pass@{samples}": sum(any(s == 1.0 for s in row) for row in sampled) / len(problems),
+        "eval/score": sum(s for row in sampled for s in row) / (len(problems) * samples),
+    }
+    if greedy:
+        g = scores(1, 0.0)
+        m["eval/accuracy_greedy"] = sum(row[0] == 1.0 for row in g) / len(problems)
+        m["eval/score_greedy"] = sum(row[0] for row in g) / len(problems)
+    return m

@@ -1,0 +1,166 @@
+"""[4b] Token selectors: map per-token stats to a keep mask over the response positions.
+
+Every selector has the signature `fn(stats, keep, cfg, generator) -> keep_mask_B_T` (bool [B, T]) and
+never keeps a position outside `stats.mask_B_T`. Counts: with `cfg.granularity == "per_sequence"` each
+rollout with m > 0 valid tokens keeps k = max(1, floor(keep * m)); with "per_batch" the whole batch keeps
+max(1, floor(keep * M)), ranked jointly. Ties go to the earlier position (row-major for per_batch), via
+stable sorts, so runs reproduce. Randomness comes only from `generator` (the caller seeds it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tipdistill.config import SelectorConfig
+from tipdistill.registry import Registry
+from tipdistill.scoring import normalise
+from tipdistill.types import TokenStats
+
+SELECTORS = Registry("selector", "selector.name")
+
+
+# --- scores ---------------------------------------------------------------------------------------------
+
+
+def score_B_T(name: str, stats: TokenStats, cfg: SelectorConfig) -> torch.Tensor:
+    """The per-token score rule `name` ranks by (fp32 [B, T], 0 outside the mask), for dumps and ranking.
+
+    full/random have no score (NaN at valid tokens); `entropy` reports its sampling weight h;
+    `type_aware_bottom` reports the same Soft-OR score as `type_aware` (it keeps the lowest).
+    """
+    mask_B_T = stats.mask_B_T
+    if name in ("full", "random"):
+        score = torch.full_like(stats.h_B_T, math.nan)
+    elif name == "entropy":
+        score = stats.h_B_T
+    elif name == "divergence":
+        score = stats.rkl_B_T
+    else:
+        h_hat_B_T, rkl_hat_B_T = normalise(stats, cfg.entropy_clip_quantile, cfg.rkl_clip_quantile)
+        if name == "entropy_topk":
+            score = h_hat_B_T
+        elif name == "q3":  # confident (low h^) and far from the teacher in the teacher's own view
+            score = stats.fkl_B_T * (1.0 - h_hat_B_T)
+        elif name in ("type_aware", "type_aware_bottom"):  # Soft-OR: high if either axis is high
+            score = h_hat_B_T + rkl_hat_B_T - h_hat_B_T * rkl_hat_B_T
+        else:
+            SELECTORS.check(name)
+            raise KeyError(f"selector '{name}' has no score rule")
+    return torch.where(mask_B_T, score, 0.0)
+
+
+# --- counting and ranking ---------------------------------------------------------------------------------
+
+
+def keep_counts(mask_R_C: torch.Tensor, keep: float) -> torch.Tensor:
+    """k per row, long [R]: max(1, floor(keep * m)) for rows with m > 0 valid entries, else 0.
+
+    The 1e-9 guards floor() against binary representation (0.29 * 100 = 28.999...): keep is a decimal
+    with few digits, so a true fractional part is far larger than that.
+    """
+    m_R = mask_R_C.sum(1)
+    k_R = torch.floor(keep * m_R.double() + 1e-9).long().clamp(min=1)
+    return torch.where(m_R > 0, torch.minimum(k_R, m_R), 0)
+
+
+def _rows(x_B_T: torch.Tensor, granularity: str) -> torch.Tensor:
+    """View as the rows selection runs over: [B, T] per sequence, [1, B*T] per batch."""
+    if granularity == "per_sequence":
+        return x_B_T
+    if granularity == "per_batch":
+        return x_B_T.reshape(1, -1)
+    raise ValueError(f"unknown selector granularity '{granularity}' (per_sequence | per_batch)")
+
+
+def take_top(keys: list[torch.Tensor], mask_B_T: torch.Tensor, keep: float, granularity: str) -> torch.Tensor:
+    """Keep the first k valid positions of each row in descending lexicographic order of `keys`.
+
+    `keys` are [B, T] tensors, least significant first; position (earlier first) breaks remaining ties.
+    This is an LSD sort: stable-sort by each key in turn, then by validity, so a valid token whose
+    key is -inf or NaN still ranks above every masked position. Returns bool [B, T].
+    """
+    mask_R_C = _rows(mask_B_T, granularity)
+    R, C = mask_R_C.shape
+    order_R_C = torch.arange(C, device=mask_B_T.device).expand(R, C)
+    for key_B_T in [*keys, mask_B_T.float()]:
+        key_R_C = _rows(key_B_T, granularity).float()
+        key_R_C = torch.where(torch.isnan(key_R_C), -math.inf, key_R_C)  # NaN ranks last, not first
+        perm_R_C = torch.sort(key_R_C.gather(1, order_R_C), dim=1, descending=True, stable=True).indices
+        order_R_C = order_R_C.gather(1, perm_R_C)
+    rank_R_C = torch.arange(C, device=mask_B_T.device).expand(R, C)
+    take_R_C = rank_R_C < keep_counts(mask_R_C, keep)[:, None]  # the first k in sorted order
+    keep_R_C = torch.zeros_like(mask_R_C, dtype=torch.bool).scatter(1, order_R_C, take_R_C)
+    return keep_R_C.reshape(mask_B_T.shape) & mask_B_T
+
+
+def _uniform_B_T(stats: TokenStats, generator: torch.Generator) -> torch.Tensor:
+    """U(0, 1) per position drawn from `generator` (on its own device, then moved to the stats')."""
+    u_B_T = torch.rand(stats.mask_B_T.shape, generator=generator, device=generator.device)
+    return u_B_T.to(stats.mask_B_T.device).clamp(min=torch.finfo(torch.float32).tiny)
+
+
+# --- the selectors ----------------------------------------------------------------------------------------
+
+
+@SELECTORS.register("full")
+def select_full(stats: TokenStats, keep: float, cfg: SelectorConfig, generator: torch.Generator) -> torch.Tensor:
+    """Every valid response token (the OPD baseline); `keep` is ignored."""
+    return stats.mask_B_T.clone()
+
+
+@SELECTORS.register("random")
+def select_random(stats: TokenStats, keep: float, cfg: SelectorConfig, generator: torch.Generator) -> torch.Tensor:
+    """Uniform sample without replacement, same count as the scored rules (the control the paper lacks)."""
+    return take_top([_uniform_B_T(stats, generator)], stats.mask_B_T, keep, cfg.granularity)
+
+
+@SELECTORS.register("entropy")
+def select_entropy(stats: TokenStats, keep: float, cfg: SelectorConfig, generator: torch.Generator) -> torch.Tensor:
+    """The paper's entropy-only rule: sample k tokens without replacement with p_t proportional to h_t.
+
+    Gumbel-top-k: the k largest log h_t + Gumbel_t are distributed exactly as k sequential draws without
+    replacement. Tokens with h = 0 rank below all others and are ordered uniformly among themselves, so
+    they are only taken once positive mass is exhausted (a row of zeros falls back to uniform).
+    """
+    gumbel_B_T = -torch.log(-torch.log(_uniform_B_T(stats, generator)))
+    h_B_T = stats.h_B_T.float()
+    positive_B_T = h_B_T > 0
+    key_B_T = torch.where(positive_B_T, torch.log(h_B_T.clamp(min=1e-30)) + gumbel_B_T, gumbel_B_T)
+    return take_top([key_B_T, positive_B_T.float()], stats.mask_B_T, keep, cfg.granularity)
+
+
+def _top_k(name: str, stats: TokenStats, keep: float, cfg: SelectorConfig, bottom: bool = False) -> torch.Tensor:
+    score = score_B_T(name, stats, cfg)
+    return take_top([-score if bottom else score], stats.mask_B_T, keep, cfg.granularity)
+
+
+@SELECTORS.register("entropy_topk")
+def select_entropy_topk(stats: TokenStats, keep: float, cfg: SelectorConfig, generator: torch.Generator) -> torch.Tensor:
+    """Deterministic top-k by h^ (clipped, min-max normalised entropy): a variant of the paper's rule."""
+    return _top_k("entropy_topk", stats, keep, cfg)
+
+
+@SELECTORS.register("divergence")
+def select_divergence(stats: TokenStats, keep: float, cfg: SelectorConfig, generator: torch.Generator) -> torch.Tensor:
+    """Top-k by rkl = KL(S||T), delta_t in TIP."""
+    return _top_k("divergence", stats, keep, cfg)
+
+
+@SELECTORS.register("q3")
+def select_q3(stats: TokenStats, keep: float, cfg: SelectorConfig, generator: torch.Generator) -> torch.Tensor:
+    """Top-k by fkl * (1 - h^): overconfident tokens (Q3), invisible to entropy rules. The loss stays rkl."""
+    return _top_k("q3", stats, keep, cfg)
+
+
+@SELECTORS.register("type_aware")
+def select_type_aware(stats: TokenStats, keep: float, cfg: SelectorConfig, generator: torch.Generator) -> torch.Tensor:
+    """TIP's Soft-OR: top-k by s = h^ + rkl^ - h^ * rkl^ (high when either axis is high)."""
+    return _top_k("type_aware", stats, keep, cfg)
+
+
+@SELECTORS.register("type_aware_bottom")
+def select_type_aware_bottom(stats: TokenStats, keep: float, cfg: SelectorConfig, generator: torch.Generator) -> torch.Tensor:
+    """Control: bottom-k by the Soft-OR score (the paper's "bottom half"); ties still go to the earlier position."""
+    return _top_k("type_aware", stats, keep, cfg, bottom=True)

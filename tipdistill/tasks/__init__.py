@@ -1,0 +1,56 @@
+"""[1] Tasks: where prompts come from and how a response is scored.
+
+A task yields `Problem`s (a prompt and what the checker needs) for training and a fixed held-out
+split for evaluation, and scores a decoded response in [0, 1] (1.0 = fully correct).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tipdistill.registry import Registry
+
+TASKS = Registry("task", "task.name")
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    answer: str
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+class Task(Protocol):
+    name: str
+
+    def train_problems(self, rng: random.Random, n: int) -> list[Problem]:
+        """n fresh training problems, never from the held-out split."""
+
+    def eval_problems(self) -> list[Problem]:
+        """The fixed held-out split."""
+
+    def score(self, problem: Problem, response: str) -> float:
+        """Score of a decoded response (text cut at EOS) in [0, 1]; 1.0 means correct."""
+
+    def solution(self, problem: Problem) -> str:
+        """A reference response (used to pre-train the embedded pair)."""
+
+
+def build_task(cfg) -> Task:
+    """Instantiate the task named by `cfg.name` from its TaskConfig."""
+    return TASKS.get(cfg.name)(cfg)
+
+
+# Registered implementations (imported lazily by name).
+TASKS["arithmetic"] = "tipdistill.tasks.arithmetic:ArithmeticTask"
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Prompt token ids, rendered the same way for teacher and student: the chat template when the
+    tokenizer has one (chat models must never see a raw-encoded prompt), else the plain text."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return tokenizer.encode(prompt, add_special_tokens=False)

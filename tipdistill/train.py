@@ -1,0 +1,285 @@
+"""[1 -> 7] The training loop, written out: one block per pipeline stage, no trainer framework.
+
+prompts -> student rollouts (vLLM or HF) -> teacher hidden states on the same ids (no grad) ->
+per-token statistics (no grad, chunked) -> token selection -> divergence on the kept positions only
+-> AdamW step -> weights synced into the rollout engine -> metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tipdistill import models
+from tipdistill.config import TrainConfig, to_plain
+from tipdistill.evaluate import evaluate
+from tipdistill.losses import kept_token_loss
+from tipdistill.rollout import ENGINES, make_rollout
+from tipdistill.scoring import normalise, quadrant_fractions, quadrants, token_stats
+from tipdistill.selectors import SELECTORS, score_B_T
+from tipdistill.sinks import StepTimer, UpdateMemoryProbe, open_sink
+from tipdistill.tasks import build_task, encode_prompt
+from tipdistill.types import Rollout
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def response_hidden(model, rollout: Rollout, rows: slice) -> torch.Tensor:
+    """Final hidden states [b, T, H] at the positions that predict each response token.
+
+    The logit at column c scores the token at c + 1, so response token t (column Lp + t) is
+    predicted from column Lp + t - 1: the one-position shift.
+    """
+    Lp, T = rollout.prompt_len, rollout.response_mask_B_T.shape[1]
+    out = model.model(
+        input_ids=rollout.input_ids_B_L[rows],
+        attention_mask=rollout.attention_mask_B_L[rows],
+        position_ids=rollout.position_ids_B_L[rows],
+    )
+    return out.last_hidden_state[:, Lp - 1 : Lp - 1 + T]
+
+
+def lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.optim.warmup_steps:
+            return (step + 1) / (cfg.optim.warmup_steps + 1)
+        if cfg.optim.schedule == "cosine":
+            progress = (step - cfg.optim.warmup_steps) / max(1, cfg.steps - cfg.optim.warmup_steps)
+            return cfg.optim.min_lr_ratio + (1 - cfg.optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return f
+
+
+def build_engine(cfg: TrainConfig, student, tokenizer, student_path: str, device: torch.device):
+    engine_cls = ENGINES.get(cfg.rollout.engine)
+    if cfg.rollout.engine == "hf":
+        return engine_cls(student, tokenizer)
+    return engine_cls(student_path, cfg.rollout, dtype=cfg.model.dtype, seed=cfg.seed,
+                      max_model_len=models.max_context(student_path), device=device.type)
+
+
+def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str | None = None) -> dict:
+    """Run one distillation job; writes metrics.jsonl, summary.json and checkpoints/final into run_dir."""
+    t_start = time.time()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+
+    # --- [0] models: cheap checks first, then prepare (embedded) and load
+    student_path, teacher_path = models.resolve_pair(cfg)
+    vocab_width = models.check_pair(student_path, teacher_path, cfg.model.trust_remote_code)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(student_path, trust_remote_code=cfg.model.trust_remote_code)
+    student = models.load_model(student_path, cfg.model.dtype, device, trainable=True, trust_remote_code=cfg.model.trust_remote_code)
+    teacher = models.load_model(teacher_path, cfg.model.dtype, device, trainable=False, trust_remote_code=cfg.model.trust_remote_code)
+    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+    task = build_task(cfg.task)
+    eval_problems = task.eval_problems()
+    engine = build_engine(cfg, student, tokenizer, student_path, device)
+    select = SELECTORS.get(cfg.selector.name)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    sample = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                  max_tokens=cfg.rollout.max_completion_length)
+    G, B = cfg.rollouts_per_prompt, cfg.prompts_per_step * cfg.rollouts_per_prompt
+    micro = [slice(i, min(i + cfg.micro_batch_size, B)) for i in range(0, B, cfg.micro_batch_size)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def run_eval(step: int) -> dict:
+        # Its own seeds: evaluation must not shift the training random stream.
+        return evaluate(engine, task, tokenizer, eval_problems, samples=cfg.eval.samples, greedy=cfg.eval.greedy,
+                        max_tokens=cfg.rollout.max_completion_length, seed=cfg.seed * 7919 + step)
+
+    summary: dict = {}
+    with open_sink(cfg.logger, run_dir, run_name=run_name, group=group, config=to_plain(cfg)) as sink:
+        first_eval = run_eval(0)
+        sink.log({"step": 0, **first_eval})
+        summary.update({"eval/accuracy_start": first_eval["eval/accuracy"],
+                        "eval/accuracy_greedy_start": first_eval.get("eval/accuracy_greedy", float("nan"))})
+        last_eval = first_eval
+        progress = _Progress(cfg.steps)
+
+        for step in range(1, cfg.steps + 1):
+            timer = StepTimer()
+            with timer("step"):
+                # --- [1] prompts
+                problems = task.train_problems(rng, cfg.prompts_per_step)
+                prompt_ids_P = [encode_prompt(tokenizer, p.prompt) for p in problems]
+
+                # --- [2] rollout: the student samples its own responses
+                with timer("rollout"):
+                    responses_B = engine.generate(prompt_ids_P, G, seed=cfg.seed * 1_000_003 + step, **sample)
+                rollout = _to_device(make_rollout(prompt_ids_P, responses_B, G, pad_id=pad_id, eos_id=tokenizer.eos_token_id,
+                                                  max_tokens=cfg.rollout.max_completion_length), device)
+                mask_B_T = rollout.response_mask_B_T
+                n_response = int(mask_B_T.sum())
+
+                # --- [3] teacher: hidden states on the student's exact token ids, no grad
+                with timer("teacher"), torch.no_grad():
+                    teacher_hidden_B_T_H = torch.cat([response_hidden(teacher, rollout, rows) for rows in micro])
+
+                probe = UpdateMemoryProbe(device)
+                with probe:
+                    # --- [4a] student forward; per-token stats without grad, chunk by chunk
+                    with timer("update"):
+                        if len(micro) == 1:  # one micro-batch: the grad forward also feeds the stats
+                            student_hidden = [response_hidden(student, rollout, micro[0])]
+                            stats_hidden_B_T_H = student_hidden[0].detach()
+                        else:  # several: stats need the whole batch first, so a no-grad pass
+                            with torch.no_grad():
+                                stats_hidden_B_T_H = torch.cat([response_hidden(student, rollout, rows) for rows in micro])
+                    with timer("select"):
+                        stats = token_stats(stats_hidden_B_T_H, teacher_hidden_B_T_H, mask_B_T, s_head, t_head,
+                                            cfg.scoring.chunk_size, vocab_width)
+                        del stats_hidden_B_T_H
+                        # --- [4b] selection: which response tokens the update trains on
+                        generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + step)
+                        keep_mask_B_T = select(stats, cfg.keep, cfg.selector, generator).to(device)
+                    n_kept = int(keep_mask_B_T.sum())
+
+                    # --- [5] loss on kept positions only, mean over kept tokens; [6] update
+                    with timer("update"):
+                        loss_total = 0.0
+                        for i, rows in enumerate(micro):
+                            hidden = student_hidden[0] if len(micro) == 1 else response_hidden(student, rollout, rows)
+                            loss_sum, _ = kept_token_loss(hidden, teacher_hidden_B_T_H[rows], keep_mask_B_T[rows], s_head, t_head,
+                                                          cfg.loss.name, cfg.loss.beta, cfg.loss.chunk_size, vocab_width)
+                            loss = loss_sum / max(1, n_kept)  # TIP Eq. 9: divide by kept, not by all tokens
+                            loss.backward()
+                            loss_total += float(loss.detach())
+                            del hidden, loss_sum, loss
+                        student_hidden = None
+                        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
+                        lr = scheduler.get_last_lr()[0]
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+
+                # --- weight sync: the next rollout must come from the updated student
+                with timer("weight_sync"):
+                    engine.sync_weights(student)
+
+            # --- [7] metrics
+            texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses_B]
+            rewards = [task.score(problems[i // G], t) for i, t in enumerate(texts)]
+            m = {"step": step, "train/loss": loss_total, "train/response_tokens": n_response, "train/kept_tokens": n_kept,
+                 "select/keep_frac": n_kept / max(1, n_response), "optim/lr": lr, "optim/grad_norm": float(grad_norm),
+                 "rollout/response_len_mean": n_response / B, "rollout/truncated_frac": float(rollout.truncated_B.float().mean()),
+                 "rollout/reward_mean": sum(rewards) / len(rewards)}
+            m.update(token_metrics(stats, keep_mask_B_T, cfg))
+            m.update(timer.pop())
+            m.update(probe.metrics)
+            m["perf/rollout_tokens_per_s"] = n_response / max(1e-9, m["time/rollout_s"])
+            m["perf/update_tokens_per_s"] = n_response / max(1e-9, m["time/update_s"] + m["time/select_s"])
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                last_eval = run_eval(step)
+                m.update(last_eval)
+            sink.log(m)
+            if cfg.scoring.token_dump_every and (step % cfg.scoring.token_dump_every == 0 or step == 1):
+                sink.log_table("tokens", token_rows(step, stats, keep_mask_B_T, rollout, tokenizer, cfg))
+            progress.update(step, m, last_eval)
+
+        progress.close()
+        summary.update({"eval/accuracy_end": last_eval["eval/accuracy"],
+                        "eval/accuracy_greedy_end": last_eval.get("eval/accuracy_greedy", float("nan")),
+                        "steps": cfg.steps, "wall_s": round(time.time() - t_start, 2)})
+        final = run_dir / "checkpoints" / "final"
+        student.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+        sink.summary(summary)
+    engine.close()
+    return summary
+
+
+def _to_device(r: Rollout, device: torch.device) -> Rollout:
+    return Rollout(r.input_ids_B_L.to(device), r.attention_mask_B_L.to(device), r.response_mask_B_T.to(device),
+                   r.prompt_len, r.truncated_B, r.prompt_index_B)
+
+
+@torch.no_grad()
+def token_metrics(stats, keep_mask_B_T: torch.Tensor, cfg: TrainConfig) -> dict:
+    """Score means, the quadrant mix of all and of kept tokens, and each quadrant's share of the loss."""
+    mask = stats.mask_B_T
+    n = max(1, int(mask.sum()))
+    q_B_T = quadrants(stats, cfg.scoring.entropy_threshold, cfg.scoring.rkl_threshold)
+    out = {"score/entropy_mean": float(stats.h_B_T.sum() / n), "score/rkl_mean": float(stats.rkl_B_T.sum() / n),
+           "score/fkl_mean": float(stats.fkl_B_T.sum() / n)}
+    out.update({f"select/quadrant_frac/{k}": v for k, v in quadrant_fractions(q_B_T, mask).items()})
+    out.update({f"select/kept_quadrant_frac/{k}": v for k, v in quadrant_fractions(q_B_T, keep_mask_B_T).items()})
+    per_token = {"reverse_kl": stats.rkl_B_T, "forward_kl": stats.fkl_B_T}.get(cfg.loss.name)
+    if per_token is not None:  # jsd has no stat of its own here
+        kept_loss = per_token * keep_mask_B_T
+        total = float(kept_loss.sum())
+        for qi in range(1, 5):
+            out[f"select/loss_share/q{qi}"] = float(kept_loss[q_B_T == qi].sum()) / total if total > 0 else 0.0
+    return out
+
+
+@torch.no_grad()
+def token_rows(step: int, stats, keep_mask_B_T, rollout: Rollout, tokenizer, cfg: TrainConfig):
+    """A few rollouts' per-token rows for the local parquet dump (and a small W&B table)."""
+    import pandas as pd
+
+    h_hat, rkl_hat = normalise(stats, cfg.selector.entropy_clip_quantile, cfg.selector.rkl_clip_quantile)
+    score = score_B_T(cfg.selector.name, stats, cfg.selector)
+    q = quadrants(stats, cfg.scoring.entropy_threshold, cfg.scoring.rkl_threshold)
+    ids = rollout.response_ids_B_T
+    rows = []
+    for b in range(min(cfg.scoring.token_dump_sequences, ids.shape[0])):
+        for t in range(int(stats.mask_B_T[b].sum())):
+            rows.append({"step": step, "seq": b, "pos": t, "token": tokenizer.decode([int(ids[b, t])]),
+                         "h": float(stats.h_B_T[b, t]), "h_hat": float(h_hat[b, t]), "rkl": float(stats.rkl_B_T[b, t]),
+                         "rkl_hat": float(rkl_hat[b, t]), "fkl": float(stats.fkl_B_T[b, t]),
+                         "score": float(score[b, t]), "kept": bool(keep_mask_B_T[b, t]), "quadrant": f"q{int(q[b, t])}"})
+    return pd.DataFrame(rows)
+
+
+class _Progress:
+    """A tqdm bar on a terminal; a plain log line every 10% of the run otherwise (no log flooding)."""
+
+    def __init__(self, total: int):
+        self.total, self.tty = total, sys.stderr.isatty()
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="train", dynamic_ncols=True)
+        self.t0 = time.time()
+
+    def update(self, step: int, m: dict, last_eval: dict) -> None:
+        acc = last_eval.get("eval/accuracy", float("nan"))
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{m['train/loss']:.3f}", keep=f"{m['select/keep_frac']:.2f}", acc=f"{acc:.3f}")
+            self.bar.update(1)
+        elif step % max(1, self.total // 10) == 0 or step == self.total:
+            eta = (time.time() - self.t0) / step * (self.total - step)
+            log.info("step %d/%d loss %.4f keep %.2f acc %.3f eta %.0fs", step, self.total, m["train/loss"],
+                     m["select/keep_frac"], acc, eta)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_resolved_config(cfg_plain: dict, run_dir: Path) -> None:
+    import yaml
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config_resolved.yaml").write_text(yaml.safe_dump(cfg_plain, sort_keys=True))
+    log.info("resolved config:\n%s", json.dumps(cfg_plain, indent=1, sort_keys=True))
