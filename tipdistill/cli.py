@@ -41,6 +41,7 @@ def _typed(cfg: DictConfig):
     try:
         return validate(cfg)
     except ConfigError as exc:
+        _discard_if_empty(Path(HydraConfig.get().runtime.output_dir))
         _fail(exc)
 
 
@@ -54,19 +55,39 @@ def _run_identity() -> tuple[str, str | None]:
     return name, group
 
 
-def train_task(cfg: DictConfig) -> float:
-    from tipdistill.train import train, write_resolved_config
+def _discard_if_empty(run_dir: Path) -> None:
+    """Bad input must not leave a half-written run directory behind (only Hydra's own files)."""
+    import shutil
 
-    OmegaConf.set_struct(cfg, False)
-    cfg.output_dir = HydraConfig.get().runtime.output_dir
-    typed = _typed(cfg)
-    run_dir = Path(typed.output_dir)
-    write_resolved_config(to_plain(cfg), run_dir)
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", "config_resolved.yaml"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def train_task(cfg: DictConfig) -> float:
+    from tipdistill.train import TrainingStopped, train, write_resolved_config
+
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
+    resume = cfg.get("resume")
+    run_dir = hydra_dir if resume in (None, "true", "True") else Path(str(resume)).expanduser().resolve()
+    cfg.output_dir = str(run_dir)
+    try:
+        typed = validate(cfg)
+        if resume and not (run_dir / "checkpoints").is_dir():
+            raise ConfigError(f"resume={resume}: {run_dir} has no checkpoints/; fix: pass the directory of an earlier run")
+    except ConfigError as exc:
+        _discard_if_empty(hydra_dir)
+        _fail(exc)
+    if not resume:
+        write_resolved_config(to_plain(cfg), run_dir)
     name, group = _run_identity()
     try:
         summary = train(typed, run_dir, run_name=name, group=group)
     except ConfigError as exc:
+        _discard_if_empty(hydra_dir)
         _fail(exc)
+    except TrainingStopped as exc:
+        print(f"tipdistill: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     log.info("summary: %s", summary)
     log.info("run directory: %s", run_dir)
     return float(summary["eval/accuracy_end"])  # the objective a sweeper optimises
@@ -109,7 +130,7 @@ def main() -> None:
         sys.exit(main_report(argv[1:]))
     register_configs()
     if not any(a.startswith("hydra.job.name=") for a in argv):
-        argv.append(f"hydra.job.name={cmd}")
+        argv.insert(1, f"hydra.job.name={cmd}")
     _hydra_app(COMMANDS[cmd])()
 
 

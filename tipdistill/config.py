@@ -228,11 +228,16 @@ class TrainConfig:
     micro_batch_size: int = 64  # sequences per forward/backward; gradients accumulate over the step
     device: str = "auto"  # auto | cpu | cuda
     output_dir: str = "."
+    checkpoint_every: int = 50  # steps between checkpoints (also one at the end); 0 = only at the end
+    keep_checkpoints: int = 2  # how many step checkpoints to keep
+    resume: Optional[str] = None  # a run directory to continue from its last checkpoint; "true" = this run dir
+    max_consecutive_skips: int = 5  # non-finite loss/grad steps in a row before the run stops
 
     def __post_init__(self) -> None:
         _check(0 < self.keep <= 1, f"keep must be in (0, 1], got {self.keep} (e.g. keep=0.2 trains on 20% of response tokens)")
-        for name in ("steps", "prompts_per_step", "rollouts_per_prompt", "micro_batch_size"):
+        for name in ("steps", "prompts_per_step", "rollouts_per_prompt", "micro_batch_size", "keep_checkpoints", "max_consecutive_skips"):
             _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        _check(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0 = only at the end), got {self.checkpoint_every}")
         _check(self.eval_every >= 0, f"eval_every must be >= 0 (0 = only at start and end), got {self.eval_every}")
         _check_choice(self.device, ("auto", "cpu", "cuda"), "device", "device")
         from tipdistill.registry import check_names

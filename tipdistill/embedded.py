@@ -23,11 +23,13 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from tipdistill.config import EmbeddedConfig, NetConfig, TaskConfig
+from tipdistill.evaluate import evaluate
+from tipdistill.rollout.hf_engine import HFEngine
 from tipdistill.tasks import Task, build_task, encode_prompt
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the tokenizer or training code changes what `prepare` produces
+FORMAT_VERSION = 2  # bump when the tokenizer or training code changes what `prepare` produces
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
 CHARSET = " 0123456789+-*/=?:;.,()[]<>|#_" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "abcdefghijklmnopqrstuvwxyz"
 
@@ -81,10 +83,8 @@ def supervised_batch(tokenizer, task: Task, problems, device) -> dict[str, torch
 @torch.no_grad()
 def greedy_accuracy(model, tokenizer, task: Task, problems, max_new_tokens: int) -> float:
     """Greedy held-out accuracy with HF generate (prepare runs before any rollout engine exists)."""
-    from tipdistill.rollout.hf_engine import hf_generate
-
     prompt_ids = [encode_prompt(tokenizer, p.prompt) for p in problems]
-    responses = hf_generate(model, tokenizer, prompt_ids, n=1, temperature=0.0, top_p=1.0, top_k=0, max_tokens=max_new_tokens)
+    responses = HFEngine(model, tokenizer).generate(prompt_ids, 1, temperature=0.0, top_p=1.0, top_k=0, max_tokens=max_new_tokens, seed=0)
     return sum(task.score(p, tokenizer.decode(r, skip_special_tokens=True)) for p, r in zip(problems, responses)) / len(problems)
 
 
@@ -101,7 +101,7 @@ def pretrain(model, tokenizer, task: Task, net: NetConfig, seed: int, max_new_to
             return 0.5 * (1 + math.cos(math.pi * (step - net.warmup) / max(1, net.steps - net.warmup)))
         return 1.0
 
-    probe = task.eval_problems()[:: max(1, len(task.eval_problems()) // 100)]  # ~100 held-out problems
+    probe = task.eval_problems()[:100]  # the held-out split interleaves difficulties, so its head is a fair sample
     t0, acc, step = time.time(), float("nan"), 0
     for step in range(net.steps):
         for group in opt.param_groups:
@@ -119,8 +119,11 @@ def pretrain(model, tokenizer, task: Task, net: NetConfig, seed: int, max_new_to
             if acc >= net.stop_accuracy:
                 break
     model.eval()
-    acc = greedy_accuracy(model, tokenizer, task, probe, max_new_tokens)
-    return {"steps": step + 1, "final_loss": float(loss.item()), "greedy_accuracy_probe": acc, "seconds": round(time.time() - t0, 1)}
+    seconds = round(time.time() - t0, 1)
+    held_out = evaluate(HFEngine(model, tokenizer), task, tokenizer, task.eval_problems(), samples=2, greedy=True,
+                        max_tokens=max_new_tokens, seed=seed)
+    log.info("prepare %s: held-out %s", role, held_out)
+    return {"steps": step + 1, "final_loss": float(loss.item()), "seconds": seconds, "held_out": held_out}
 
 
 def cache_key(emb: EmbeddedConfig, task_cfg: TaskConfig, max_new_tokens: int) -> str:

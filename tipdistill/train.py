@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 
-from tipdistill import models
-from tipdistill.config import TrainConfig, to_plain
+from tipdistill import checkpoint, models
+from tipdistill.config import ConfigError, TrainConfig, to_plain
 from tipdistill.evaluate import evaluate
 from tipdistill.losses import kept_token_loss
 from tipdistill.rollout import ENGINES, make_rollout
@@ -72,29 +75,58 @@ def build_engine(cfg: TrainConfig, student, tokenizer, student_path: str, device
                       max_model_len=models.max_context(student_path), device=device.type)
 
 
+class TrainingStopped(RuntimeError):
+    """The run stopped early on purpose (signal or repeated numerical faults); a checkpoint was saved."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str | None = None) -> dict:
-    """Run one distillation job; writes metrics.jsonl, summary.json and checkpoints/final into run_dir."""
+    """Run one distillation job; writes metrics.jsonl, summary.json and checkpoints/ into run_dir."""
     t_start = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
+    resume_from = checkpoint.latest(run_dir) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        raise ConfigError(f"resume: no checkpoint under {run_dir / 'checkpoints'}; fix: point resume=<run dir> at a run that saved one")
 
     # --- [0] models: cheap checks first, then prepare (embedded) and load
     student_path, teacher_path = models.resolve_pair(cfg)
     vocab_width = models.check_pair(student_path, teacher_path, cfg.model.trust_remote_code)
+    context = models.max_context(student_path)
+    if cfg.rollout.max_completion_length >= context:
+        raise ConfigError(f"rollout.max_completion_length={cfg.rollout.max_completion_length} does not fit the student's context "
+                          f"({context} positions); fix: lower it")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(student_path, trust_remote_code=cfg.model.trust_remote_code)
-    student = models.load_model(student_path, cfg.model.dtype, device, trainable=True, trust_remote_code=cfg.model.trust_remote_code)
+    student = models.load_model(str(resume_from or student_path), cfg.model.dtype, device, trainable=True,
+                                trust_remote_code=cfg.model.trust_remote_code)
     teacher = models.load_model(teacher_path, cfg.model.dtype, device, trainable=False, trust_remote_code=cfg.model.trust_remote_code)
     s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
     task = build_task(cfg.task)
     eval_problems = task.eval_problems()
-    engine = build_engine(cfg, student, tokenizer, student_path, device)
     select = SELECTORS.get(cfg.selector.name)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    summary: dict = {}
+    first_step = 1
+    if resume_from is not None:
+        state = checkpoint.load_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        rng.setstate(state["task_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        summary, last_eval, first_step = state["summary"], state["last_eval"], state["step"] + 1
+        _truncate_metrics(run_dir / "metrics.jsonl", state["step"])  # each step appears once
+        log.info("resuming from %s (step %d)", resume_from, state["step"])
+    engine = build_engine(cfg, student, tokenizer, student_path, device)
+    if resume_from is not None:
+        engine.sync_weights(student)  # the engine loaded the initial student; give it the checkpoint's weights
     sample = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
                   max_tokens=cfg.rollout.max_completion_length)
     G, B = cfg.rollouts_per_prompt, cfg.prompts_per_step * cfg.rollouts_per_prompt
@@ -106,16 +138,23 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
         return evaluate(engine, task, tokenizer, eval_problems, samples=cfg.eval.samples, greedy=cfg.eval.greedy,
                         max_tokens=cfg.rollout.max_completion_length, seed=cfg.seed * 7919 + step)
 
-    summary: dict = {}
-    with open_sink(cfg.logger, run_dir, run_name=run_name, group=group, config=to_plain(cfg)) as sink:
-        first_eval = run_eval(0)
-        sink.log({"step": 0, **first_eval})
-        summary.update({"eval/accuracy_start": first_eval["eval/accuracy"],
-                        "eval/accuracy_greedy_start": first_eval.get("eval/accuracy_greedy", float("nan"))})
-        last_eval = first_eval
-        progress = _Progress(cfg.steps)
+    def save_checkpoint(step: int) -> Path:
+        return checkpoint.save(run_dir, step, student, tokenizer, optimizer, scheduler,
+                               {"task_rng": rng.getstate(), "summary": summary, "last_eval": last_eval},
+                               cfg.keep_checkpoints)
 
-        for step in range(1, cfg.steps + 1):
+    signals = _SignalFlag()
+    with signals, open_sink(cfg.logger, run_dir, run_name=run_name, group=group, config=to_plain(cfg),
+                            resume=resume_from is not None) as sink:
+        if resume_from is None:
+            last_eval = run_eval(0)
+            sink.log({"step": 0, **last_eval})
+            summary.update({"eval/accuracy_start": last_eval["eval/accuracy"],
+                            "eval/accuracy_greedy_start": last_eval.get("eval/accuracy_greedy", float("nan"))})
+        progress = _Progress(cfg.steps, first_step)
+        skipped = consecutive_skips = 0
+
+        for step in range(first_step, cfg.steps + 1):
             timer = StepTimer()
             with timer("step"):
                 # --- [1] prompts
@@ -156,7 +195,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
                     # --- [5] loss on kept positions only, mean over kept tokens; [6] update
                     with timer("update"):
                         loss_total = 0.0
-                        for i, rows in enumerate(micro):
+                        for rows in micro:
                             hidden = student_hidden[0] if len(micro) == 1 else response_hidden(student, rollout, rows)
                             loss_sum, _ = kept_token_loss(hidden, teacher_hidden_B_T_H[rows], keep_mask_B_T[rows], s_head, t_head,
                                                           cfg.loss.name, cfg.loss.beta, cfg.loss.chunk_size, vocab_width)
@@ -165,22 +204,29 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
                             loss_total += float(loss.detach())
                             del hidden, loss_sum, loss
                         student_hidden = None
-                        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip))
                         lr = scheduler.get_last_lr()[0]
-                        optimizer.step()
-                        scheduler.step()
+                        finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
+                        if finite and n_kept > 0:
+                            optimizer.step()
+                            scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
 
                 # --- weight sync: the next rollout must come from the updated student
                 with timer("weight_sync"):
                     engine.sync_weights(student)
 
+            # --- numerical faults: skip the step, stop after too many in a row
+            skipped += not finite
+            consecutive_skips = 0 if finite else consecutive_skips + 1
+
             # --- [7] metrics
             texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses_B]
             rewards = [task.score(problems[i // G], t) for i, t in enumerate(texts)]
             m = {"step": step, "train/loss": loss_total, "train/response_tokens": n_response, "train/kept_tokens": n_kept,
-                 "select/keep_frac": n_kept / max(1, n_response), "optim/lr": lr, "optim/grad_norm": float(grad_norm),
-                 "rollout/response_len_mean": n_response / B, "rollout/truncated_frac": float(rollout.truncated_B.float().mean()),
+                 "select/keep_frac": n_kept / max(1, n_response), "optim/lr": lr, "optim/grad_norm": grad_norm,
+                 "train/skipped_steps": skipped, "rollout/response_len_mean": n_response / B,
+                 "rollout/truncated_frac": float(rollout.truncated_B.float().mean()),
                  "rollout/reward_mean": sum(rewards) / len(rewards)}
             m.update(token_metrics(stats, keep_mask_B_T, cfg))
             m.update(timer.pop())
@@ -193,18 +239,65 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
             sink.log(m)
             if cfg.scoring.token_dump_every and (step % cfg.scoring.token_dump_every == 0 or step == 1):
                 sink.log_table("tokens", token_rows(step, stats, keep_mask_B_T, rollout, tokenizer, cfg))
+            if cfg.logger.table_every and (step % cfg.logger.table_every == 0 or step == 1):
+                sink.log_table("rollouts", rollout_rows(step, problems, texts, rewards, keep_mask_B_T, rollout, tokenizer, G))
             progress.update(step, m, last_eval)
+
+            if consecutive_skips >= cfg.max_consecutive_skips:
+                path = save_checkpoint(step)
+                raise TrainingStopped(f"{consecutive_skips} steps in a row had a non-finite loss or gradient (step {step}); "
+                                      f"the last good weights are in {path}; fix: lower optim.lr or check the data", 3)
+            if signals.received is not None:
+                path = save_checkpoint(step)
+                raise TrainingStopped(f"stopped by signal {signals.received} after step {step}; checkpoint {path}; "
+                                      f"continue with: tipdistill train <same overrides> resume={run_dir}", 128 + signals.received)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                save_checkpoint(step)
 
         progress.close()
         summary.update({"eval/accuracy_end": last_eval["eval/accuracy"],
                         "eval/accuracy_greedy_end": last_eval.get("eval/accuracy_greedy", float("nan")),
                         "steps": cfg.steps, "wall_s": round(time.time() - t_start, 2)})
+        save_checkpoint(cfg.steps)
         final = run_dir / "checkpoints" / "final"
         student.save_pretrained(final)
         tokenizer.save_pretrained(final)
         sink.summary(summary)
     engine.close()
     return summary
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop lines logged after the checkpoint, so a resumed run logs each step exactly once."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+
+class _SignalFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the step and exits cleanly."""
+
+    def __init__(self):
+        self.received = None
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning("signal %d: finishing this step, then saving a checkpoint", signum)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def _to_device(r: Rollout, device: torch.device) -> Rollout:
@@ -250,16 +343,31 @@ def token_rows(step: int, stats, keep_mask_B_T, rollout: Rollout, tokenizer, cfg
     return pd.DataFrame(rows)
 
 
+def rollout_rows(step: int, problems, texts, rewards, keep_mask_B_T, rollout: Rollout, tokenizer, G: int, limit: int = 8):
+    """Sample rollouts with the kept tokens marked as [tok], for eyeballing what a selector trains on."""
+    import pandas as pd
+
+    ids = rollout.response_ids_B_T
+    rows = []
+    for b in range(min(limit, len(texts))):
+        m = int(rollout.response_mask_B_T[b].sum())
+        marked = "".join(f"[{tokenizer.decode([int(ids[b, t])])}]" if keep_mask_B_T[b, t] else tokenizer.decode([int(ids[b, t])])
+                         for t in range(m))
+        rows.append({"step": step, "seq": b, "prompt": problems[b // G].prompt, "response": texts[b],
+                     "kept_marked": marked, "kept": int(keep_mask_B_T[b].sum()), "tokens": m, "reward": rewards[b]})
+    return pd.DataFrame(rows)
+
+
 class _Progress:
     """A tqdm bar on a terminal; a plain log line every 10% of the run otherwise (no log flooding)."""
 
-    def __init__(self, total: int):
-        self.total, self.tty = total, sys.stderr.isatty()
+    def __init__(self, total: int, first_step: int = 1):
+        self.total, self.first, self.tty = total, first_step, sys.stderr.isatty()
         self.bar = None
         if self.tty:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc="train", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=first_step - 1, desc="train", dynamic_ncols=True)
         self.t0 = time.time()
 
     def update(self, step: int, m: dict, last_eval: dict) -> None:
@@ -268,7 +376,7 @@ class _Progress:
             self.bar.set_postfix(loss=f"{m['train/loss']:.3f}", keep=f"{m['select/keep_frac']:.2f}", acc=f"{acc:.3f}")
             self.bar.update(1)
         elif step % max(1, self.total // 10) == 0 or step == self.total:
-            eta = (time.time() - self.t0) / step * (self.total - step)
+            eta = (time.time() - self.t0) / (step - self.first + 1) * (self.total - step)
             log.info("step %d/%d loss %.4f keep %.2f acc %.3f eta %.0fs", step, self.total, m["train/loss"],
                      m["select/keep_frac"], acc, eta)
 

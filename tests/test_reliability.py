@@ -1,0 +1,166 @@
+"""Crash, kill, signal and fault handling: a run never loses finished work."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_PAIR, TINY_RUN, compose
+from test_cli import EXE, run_dirs
+
+FAST = [*TINY_PAIR, *TINY_RUN, "rollout=hf", "checkpoint_every=1", "steps=6", "eval_every=3"]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def start(args, cwd):
+    return subprocess.Popen([EXE, "train", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ.copy())
+
+
+def wait_for(path: Path, proc, timeout=300.0):
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() - t0 < timeout
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_pair):
+    ref = subprocess.run([EXE, "train", *FAST, "hydra.run.dir=ref"], cwd=tmp_path, capture_output=True, text=True, env=os.environ.copy())
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    proc = start([*FAST, "hydra.run.dir=killed"], tmp_path)
+    run = tmp_path / "killed"
+    wait_for(run / "checkpoints" / "step_000002", proc)
+    proc.kill()  # SIGKILL: no chance to clean up
+    proc.wait()
+    assert max(m["step"] for m in metrics(run)) < 6, "the run finished before it was killed"
+
+    resumed = subprocess.run([EXE, "train", *FAST, f"resume={run}", "hydra.run.dir=resume_job"], cwd=tmp_path,
+                             capture_output=True, text=True, env=os.environ.copy())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = metrics(tmp_path / "ref"), metrics(run)
+    assert [m["step"] for m in b] == list(range(7))  # every step exactly once
+    for x, y in zip(a, b):
+        for key in ("train/loss", "train/kept_tokens", "eval/accuracy", "eval/accuracy_greedy"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)
+    sa = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    sb = json.loads((run / "summary.json").read_text())
+    assert sb["eval/accuracy_end"] == sa["eval/accuracy_end"] and sb["eval/accuracy_start"] == sa["eval/accuracy_start"]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_pair):
+    proc = start([*FAST, "steps=50", "checkpoint_every=0", "hydra.run.dir=run"], tmp_path)
+    wait_for(tmp_path / "run" / "tables", proc)  # step 1 is done once its token dump exists
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "resume=" in err and "stopped by signal" in err
+    from tipdistill.checkpoint import latest
+
+    assert latest(tmp_path / "run") is not None
+
+
+def _typed(tmp_path, extra=()):
+    from tipdistill.config import validate
+
+    cfg = validate(compose([*FAST, *extra]))
+    cfg.output_dir = str(tmp_path)
+    return cfg
+
+
+def test_non_finite_loss_is_skipped_and_counted(tmp_path, tiny_pair, monkeypatch):
+    import tipdistill.train as tr
+
+    real, calls = tr.kept_token_loss, {"n": 0}
+
+    def nan_on_second_step(*args, **kwargs):
+        calls["n"] += 1
+        loss_sum, n = real(*args, **kwargs)
+        return (loss_sum * float("nan"), n) if calls["n"] == 2 else (loss_sum, n)
+
+    monkeypatch.setattr(tr, "kept_token_loss", nan_on_second_step)
+    tr.train(_typed(tmp_path, ["steps=3"]), tmp_path)
+    m = metrics(tmp_path)
+    assert [x["train/skipped_steps"] for x in m[1:]] == [0, 1, 1]
+    assert m[2]["train/loss"] != m[2]["train/loss"]  # the NaN step is logged as such, not hidden
+
+
+def test_repeated_non_finite_steps_stop_with_a_checkpoint(tmp_path, tiny_pair, monkeypatch):
+    import tipdistill.train as tr
+
+    real = tr.kept_token_loss
+    monkeypatch.setattr(tr, "kept_token_loss", lambda *a, **k: (real(*a, **k)[0] * float("inf"), 1))
+    with pytest.raises(tr.TrainingStopped, match="2 steps in a row had a non-finite"):
+        tr.train(_typed(tmp_path, ["steps=5", "max_consecutive_skips=2", "checkpoint_every=0"]), tmp_path)
+    from tipdistill.checkpoint import latest
+
+    assert latest(tmp_path).name == "step_000002"
+
+
+def test_all_empty_responses_do_not_crash_or_divide_by_zero():
+    from tipdistill.config import SelectorConfig
+    from tipdistill.losses import kept_token_loss
+    from tipdistill.rollout import make_rollout
+    from tipdistill.scoring import token_stats
+    from tipdistill.selectors import SELECTORS
+
+    r = make_rollout([[5, 6]], [[], []], 2, pad_id=0, eos_id=1, max_tokens=4)
+    head = torch.nn.Linear(8, 11, bias=False)
+    hidden = torch.randn(2, r.response_mask_B_T.shape[1], 8, requires_grad=True)
+    stats = token_stats(hidden.detach(), torch.randn_like(hidden).detach(), r.response_mask_B_T, head, head, 4)
+    for name in SELECTORS:
+        keep = SELECTORS.get(name)(stats, 0.5, SelectorConfig(name=name), torch.Generator().manual_seed(0))
+        assert int(keep.sum()) == 0
+    loss_sum, n = kept_token_loss(hidden, hidden.detach(), keep, head, head, "reverse_kl", 0.5, 4)
+    (loss_sum / max(1, n)).backward()
+    assert n == 0 and float(loss_sum) == 0.0 and torch.isfinite(hidden.grad).all()
+
+
+def test_failed_checkpoint_save_keeps_the_previous_one(tmp_path, tiny_pair, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tipdistill import checkpoint
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair[0])
+    tok = AutoTokenizer.from_pretrained(tiny_pair[0])
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    checkpoint.save(tmp_path, 1, model, tok, opt, sched, {"x": 1}, keep_last=2)
+
+    def disk_full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(checkpoint.CheckpointError, match="step_000001 is intact"):
+        checkpoint.save(tmp_path, 2, model, tok, opt, sched, {"x": 2}, keep_last=2)
+    assert checkpoint.latest(tmp_path).name == "step_000001"
+    assert checkpoint.load_state(checkpoint.latest(tmp_path))["x"] == 1
+    assert not list((tmp_path / "checkpoints").glob(".tmp*"))
+
+
+def test_checkpoint_rotation_keeps_the_last_n(tmp_path, tiny_pair):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tipdistill import checkpoint
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair[0])
+    tok = AutoTokenizer.from_pretrained(tiny_pair[0])
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    for step in range(1, 5):
+        checkpoint.save(tmp_path, step, model, tok, opt, sched, {}, keep_last=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_000003", "step_000004"]
