@@ -21,6 +21,10 @@ TINY_PAIR = [
 TINY_RUN = ["steps=2", "eval_every=1", "prompts_per_step=4", "rollouts_per_prompt=2", "eval.samples=1"]
 
 
+# Tiny models: one thread beats two (thread hand-offs dominate), and CI has 2 cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def hermetic_env(tmp_path_factory):
     base = tmp_path_factory.mktemp("env")

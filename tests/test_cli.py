@@ -100,10 +100,9 @@ def test_multirun_gives_one_directory_per_job(tmp_path, tiny_pair):
                f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     dirs = run_dirs(tmp_path / "sweep")
-    assert len(dirs) == 2
-    assert dirs[0].name.startswith("0_") and "selector=full" in dirs[0].name
-    assert dirs[1].name.startswith("1_") and "selector=type_aware" in dirs[1].name
-    for d in dirs:
-        assert (d / ".hydra" / "overrides.yaml").exists() and (d / "summary.json").exists()
+    assert len(dirs) == 2 and dirs[0].name.startswith("0_keep=0.5,") and dirs[1].name.startswith("1_keep=0.5,")
+    for d, selector in zip(dirs, ["full", "type_aware"]):
+        assert f"selector={selector}" in yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text())
+        assert (d / "summary.json").exists()
     keep = [json.loads((d / "metrics.jsonl").read_text().splitlines()[1])["select/keep_frac"] for d in dirs]
     assert keep[0] == 1.0 and keep[1] < 0.75  # full ignores keep; type_aware keeps about half

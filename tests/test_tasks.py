@@ -36,5 +36,23 @@ def test_registry_lists_valid_names():
 
     from tipdistill.config import ConfigError
 
-    with pytest.raises(ConfigError, match="valid: arithmetic"):
+    with pytest.raises(ConfigError, match=r"valid: (\w+, )*arithmetic"):
         TASKS.check("nope")
+
+
+def test_saved_embedded_tokenizer_round_trips_through_autotokenizer(tmp_path):
+    """The embedded pair loads through AutoTokenizer like a hub model; spaces and digits must survive."""
+    from transformers import AutoTokenizer
+
+    from tipdistill.config import NetConfig
+    from tipdistill.embedded import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    build_model(NetConfig(layers=1, hidden=32, heads=1, kv_heads=1, intermediate=64), tok, 0, 64).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = "3+5=8;4+7=11;ANSWER 118"
+    ids = loaded.encode(text, add_special_tokens=False)
+    assert ids == tok.encode(text, add_special_tokens=False) and len(ids) == len(text)
+    assert loaded.decode(ids) == text
+    assert loaded.pad_token_id == 0 and loaded.eos_token_id == 1 and loaded.padding_side == "left"

@@ -29,12 +29,12 @@ QUADRANT_MEANING = {"q1": "uncertain, teacher disagrees", "q2": "uncertain, teac
 @torch.no_grad()
 def taxonomy(cfg: TrainConfig) -> pd.DataFrame:
     device = pick_device(cfg.device)
+    task = build_task(cfg.task)
     student_path, teacher_path = models.resolve_pair(cfg)
     vocab_width = models.check_pair(student_path, teacher_path, cfg.model.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     student = models.load_model(student_path, cfg.model.dtype, device, trainable=False)
     teacher = models.load_model(teacher_path, cfg.model.dtype, device, trainable=False)
-    task = build_task(cfg.task)
     engine = build_engine(cfg, student, tokenizer, student_path, device)
     problems = task.eval_problems()
     G = cfg.rollouts_per_prompt
@@ -42,7 +42,7 @@ def taxonomy(cfg: TrainConfig) -> pd.DataFrame:
     rows = []
     for start in range(0, len(problems), cfg.prompts_per_step):
         batch = problems[start : start + cfg.prompts_per_step]
-        prompt_ids = [encode_prompt(tokenizer, p.prompt) for p in batch]
+        prompt_ids = [encode_prompt(tokenizer, p.prompt, cfg.model.chat_template_kwargs) for p in batch]
         responses = engine.generate(prompt_ids, G, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                     top_k=cfg.rollout.top_k, max_tokens=cfg.rollout.max_completion_length, seed=cfg.seed + start)
         r = make_rollout(prompt_ids, responses, G, pad_id=pad_id, eos_id=tokenizer.eos_token_id,

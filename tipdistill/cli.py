@@ -8,6 +8,7 @@ The config directory is passed as an absolute path: with a console script, a rel
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -129,8 +130,7 @@ def main() -> None:
 
         sys.exit(main_report(argv[1:]))
     register_configs()
-    if not any(a.startswith("hydra.job.name=") for a in argv):
-        argv.insert(1, f"hydra.job.name={cmd}")
+    os.environ["TIPDISTILL_COMMAND"] = cmd  # conf/hydra/default.yaml names the job after it
     _hydra_app(COMMANDS[cmd])()
 
 

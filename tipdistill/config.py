@@ -32,7 +32,7 @@ VLLM_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 @dataclass
 class NetConfig:
-    """Size and pre-training recipe of one embedded Qwen2 model (built and trained by `prepare`)."""
+    """Size and pre-training recipe of one embedded Llama-architecture model (built and trained by `prepare`)."""
 
     layers: int = 2
     hidden: int = 96
@@ -78,6 +78,7 @@ class ModelConfig:
     teacher: Optional[str] = None
     dtype: str = "float32"  # float32 | bfloat16 | float16
     trust_remote_code: bool = False
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false} for Qwen3
     embedded: Optional[EmbeddedConfig] = field(default_factory=EmbeddedConfig)  # null for hub/local pairs
 
     def __post_init__(self) -> None:
@@ -96,6 +97,9 @@ class TaskConfig:
     eval_size: int = 300  # held-out problems, excluded from every training stream
     eval_seed: int = 7
     path: Optional[str] = None  # a local jsonl/parquet file or a hub data set name (real tasks)
+    split: Optional[str] = None  # hub split to read (default per task: MATH-500 test, GSM8K train, ...)
+    eval_path: Optional[str] = None  # a separate held-out source, e.g. MATH-500 while training on dapo_math
+    eval_name: Optional[str] = None  # schema of eval_path: math500|aime24|aime25|gsm8k|dapo_math (default: name)
 
     def __post_init__(self) -> None:
         _check(self.eval_size > 0, f"task.eval_size must be > 0, got {self.eval_size}")

@@ -1,4 +1,4 @@
-"""[0] The embedded pair: a character tokenizer and two small Qwen2 models trained on a task.
+"""[0] The embedded pair: a character tokenizer and two small causal LMs trained on a task.
 
 `tipdistill prepare` builds both, pre-trains them on the task's reference solutions (teacher well,
 student deliberately under-trained at a constant lr so distillation can still move it) and saves
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from tipdistill.config import EmbeddedConfig, NetConfig, TaskConfig
 from tipdistill.evaluate import evaluate
@@ -29,7 +29,7 @@ from tipdistill.tasks import Task, build_task, encode_prompt
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # bump when the tokenizer or training code changes what `prepare` produces
+FORMAT_VERSION = 3  # bump when the tokenizer or training code changes what `prepare` produces
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
 CHARSET = " 0123456789+-*/=?:;.,()[]<>|#_" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "abcdefghijklmnopqrstuvwxyz"
 
@@ -45,10 +45,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_model(net: NetConfig, tokenizer: PreTrainedTokenizerFast, vocab_pad_to: int, max_len: int) -> Qwen2ForCausalLM:
-    """A small Qwen2 from a config; `vocab_pad_to` widens the LM head with ids the tokenizer never emits."""
+def build_model(net: NetConfig, tokenizer: PreTrainedTokenizerFast, vocab_pad_to: int, max_len: int) -> LlamaForCausalLM:
+    """A small Llama-architecture model from a config; `vocab_pad_to` widens the LM head with ids the
+    tokenizer never emits. (Llama, not Qwen2: transformers 5 reloads any qwen2 checkpoint's tokenizer as
+    the byte-level Qwen2Tokenizer, which would drop the character tokenizer's spaces.)"""
     vocab_size = max(len(tokenizer), vocab_pad_to)
-    config = Qwen2Config(
+    config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=net.hidden,
         intermediate_size=net.intermediate,
@@ -62,7 +64,7 @@ def build_model(net: NetConfig, tokenizer: PreTrainedTokenizerFast, vocab_pad_to
         bos_token_id=tokenizer.eos_token_id,
         torch_dtype="float32",
     )
-    return Qwen2ForCausalLM(config)
+    return LlamaForCausalLM(config)
 
 
 def supervised_batch(tokenizer, task: Task, problems, device) -> dict[str, torch.Tensor]:

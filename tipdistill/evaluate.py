@@ -7,8 +7,9 @@ from __future__ import annotations
 from tipdistill.tasks import Problem, encode_prompt
 
 
-def evaluate(engine, task, tokenizer, problems: list[Problem], *, samples: int, greedy: bool, max_tokens: int, seed: int) -> dict:
-    prompt_ids = [encode_prompt(tokenizer, p.prompt) for p in problems]
+def evaluate(engine, task, tokenizer, problems: list[Problem], *, samples: int, greedy: bool, max_tokens: int, seed: int,
+             chat_template_kwargs: dict | None = None) -> dict:
+    prompt_ids = [encode_prompt(tokenizer, p.prompt, chat_template_kwargs) for p in problems]
 
     def scores(n: int, temperature: float) -> list[list[float]]:
         out = engine.generate(prompt_ids, n, temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_tokens, seed=seed)

@@ -58,7 +58,11 @@ def check_pair(student: str, teacher: str, trust_remote_code: bool = False) -> i
         raise ConfigError(
             f"teacher and student vocabularies differ ({len(t_tok)} vs {len(s_tok)} tokens); fix: pick a pair that shares one tokenizer"
         )
-    width = min(s_cfg.get_text_config().vocab_size, t_cfg.get_text_config().vocab_size)
+    s_width, t_width = s_cfg.get_text_config().vocab_size, t_cfg.get_text_config().vocab_size
+    if s_width > t_width:
+        raise ConfigError(f"the student's LM head ({s_width} ids) is wider than the teacher's ({t_width}): the student could sample "
+                          "ids the teacher cannot score; fix: swap in a student whose head is no wider than the teacher's")
+    width = min(s_width, t_width)
     if width < len(s_tok):
         raise ConfigError(f"LM head width {width} is smaller than the tokenizer ({len(s_tok)} tokens); fix: check model.student/model.teacher")
     return width

@@ -94,7 +94,9 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
     if cfg.resume and resume_from is None:
         raise ConfigError(f"resume: no checkpoint under {run_dir / 'checkpoints'}; fix: point resume=<run dir> at a run that saved one")
 
-    # --- [0] models: cheap checks first, then prepare (embedded) and load
+    # --- [0] task and models: cheap checks first (data, paths, vocabularies), then prepare and load
+    task = build_task(cfg.task)
+    eval_problems = task.eval_problems()
     student_path, teacher_path = models.resolve_pair(cfg)
     vocab_width = models.check_pair(student_path, teacher_path, cfg.model.trust_remote_code)
     context = models.max_context(student_path)
@@ -108,8 +110,6 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
                                 trust_remote_code=cfg.model.trust_remote_code)
     teacher = models.load_model(teacher_path, cfg.model.dtype, device, trainable=False, trust_remote_code=cfg.model.trust_remote_code)
     s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
-    task = build_task(cfg.task)
-    eval_problems = task.eval_problems()
     select = SELECTORS.get(cfg.selector.name)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -136,7 +136,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
     def run_eval(step: int) -> dict:
         # Its own seeds: evaluation must not shift the training random stream.
         return evaluate(engine, task, tokenizer, eval_problems, samples=cfg.eval.samples, greedy=cfg.eval.greedy,
-                        max_tokens=cfg.rollout.max_completion_length, seed=cfg.seed * 7919 + step)
+                        max_tokens=cfg.rollout.max_completion_length, seed=cfg.seed * 7919 + step,
+                        chat_template_kwargs=cfg.model.chat_template_kwargs)
 
     def save_checkpoint(step: int) -> Path:
         return checkpoint.save(run_dir, step, student, tokenizer, optimizer, scheduler,
@@ -159,7 +160,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
             with timer("step"):
                 # --- [1] prompts
                 problems = task.train_problems(rng, cfg.prompts_per_step)
-                prompt_ids_P = [encode_prompt(tokenizer, p.prompt) for p in problems]
+                prompt_ids_P = [encode_prompt(tokenizer, p.prompt, cfg.model.chat_template_kwargs) for p in problems]
 
                 # --- [2] rollout: the student samples its own responses
                 with timer("rollout"):

@@ -45,12 +45,19 @@ def build_task(cfg) -> Task:
 
 # Registered implementations (imported lazily by name).
 TASKS["arithmetic"] = "tipdistill.tasks.arithmetic:ArithmeticTask"
+TASKS["math500"] = "tipdistill.tasks.math:MathTask"
+TASKS["aime24"] = "tipdistill.tasks.math:MathTask"
+TASKS["aime25"] = "tipdistill.tasks.math:MathTask"
+TASKS["gsm8k"] = "tipdistill.tasks.math:MathTask"
+TASKS["dapo_math"] = "tipdistill.tasks.math:MathTask"
+TASKS["planning"] = "tipdistill.tasks.planning:PlanningTask"
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
+def encode_prompt(tokenizer, prompt: str, chat_template_kwargs: dict | None = None) -> list[int]:
     """Prompt token ids, rendered the same way for teacher and student: the chat template when the
     tokenizer has one (chat models must never see a raw-encoded prompt), else the plain text."""
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
+                                            **(chat_template_kwargs or {}))
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     return tokenizer.encode(prompt, add_special_tokens=False)
