@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+# hydra/omegaconf are imported inside the functions that need them, so the numerical modules
+# (scoring, selectors, losses) import on machines with only torch (e.g. a bare GPU box).
 
 
 class ConfigError(ValueError):
@@ -251,12 +251,16 @@ class TrainConfig:
 
 def register_configs() -> None:
     """Make the schemas available to Hydra's defaults lists (conf/train.yaml names `base_train`)."""
+    from hydra.core.config_store import ConfigStore
+
     cs = ConfigStore.instance()
     cs.store(name="base_train", node=TrainConfig)
 
 
-def validate(cfg: DictConfig) -> TrainConfig:
+def validate(cfg) -> TrainConfig:
     """Turn the composed config into a typed, range-checked TrainConfig (raises ConfigError)."""
+    from omegaconf import OmegaConf
+
     try:
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except ConfigError:
@@ -267,6 +271,8 @@ def validate(cfg: DictConfig) -> TrainConfig:
 
 def to_plain(cfg: Any) -> dict:
     """Resolved plain dict of a config (for logs and W&B: never hand it a DictConfig)."""
+    from omegaconf import DictConfig, OmegaConf
+
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]

@@ -51,6 +51,7 @@ def response_hidden(model, rollout: Rollout, rows: slice) -> torch.Tensor:
         input_ids=rollout.input_ids_B_L[rows],
         attention_mask=rollout.attention_mask_B_L[rows],
         position_ids=rollout.position_ids_B_L[rows],
+        use_cache=False,  # a scoring forward: building a KV cache would only cost memory
     )
     return out.last_hidden_state[:, Lp - 1 : Lp - 1 + T]
 

@@ -1,0 +1,672 @@
+#!/usr/bin/env python
+"""Benchmark of one update step (issue 5): peak memory and latency of the peer-style all-token update
+against tipdistill's lean update (selector=full and selective keeps), on one fixed batch.
+
+What one "update step" is here, for every configuration:
+    teacher hidden states without grad -> student forward with grad -> (ours: token_stats no-grad
+    chunked -> selection) -> divergence -> backward -> clip_grad_norm_ -> AdamW step -> zero_grad.
+Our path is the update block of `tipdistill.train.train()` (single micro-batch case), with the same
+`response_hidden`, `token_stats`, `SELECTORS`, `kept_token_loss`; only the LR scheduler (a scalar
+multiply) is left out. The peer path is written out below (`peer_update`): full student logits [B,T,V]
+with grad and full teacher logits [B,T,V] (no grad), reverse KL (`DIVERGENCES["reverse_kl"]`, fp32)
+over `chunk` positions at a time, masked mean. Its teacher logits are taken on the response positions
+only (a peer projecting all prompt+response columns would use slightly more).
+
+Every configuration runs in a fresh subprocess (`--one <config>`), which prints one `BENCH_JSON {...}`
+line; the parent builds the table. Models: Qwen2ForCausalLM from a Qwen2Config with random weights and
+the Qwen vocabulary (151,936), no download. The selection uses real statistics of the two models.
+
+Memory, per configuration:
+  * CUDA: `torch.cuda.reset_peak_memory_stats()` before each step, `max_memory_allocated()` after;
+    peak = max over the timed steps; baseline = `memory_allocated()` after setup (weights + AdamW
+    state, no grads).
+  * CPU: peak = `resource.getrusage(RUSAGE_SELF).ru_maxrss` at the end of the child (the kernel's RSS
+    high-water mark over the whole fresh process: setup + warm-up + timed steps); baseline = current
+    RSS (/proc/self/statm) after setup (models built, AdamW state allocated by a zero-gradient step,
+    no grads). If the setup's own high-water mark is not exceeded by the steps, the row is flagged.
+    Per-phase peaks on CPU come from a thread sampling /proc/self/statm every few ms (can miss
+    spikes shorter than the interval; the ru_maxrss peak cannot). The parent never imports torch:
+    Linux carries the pre-exec RSS high-water mark into the child's ru_maxrss, so a heavy parent
+    would leak into every child's peak. Children run with MALLOC_MMAP_THRESHOLD_=4 MiB so freed
+    buffers leave RSS (glibc otherwise keeps sub-32 MiB chunk buffers as heap fragments, which made
+    a keep-0.2 run look bigger than selector=full); `--malloc-default` turns that off.
+
+CPU preset: sized for 2 cores and a few minutes (4 x 128 tokens, chunk 64, narrow models) while keeping
+the real vocabulary and the tokens/chunk ratio of a GPU step (8), so the logits buffers dominate as they
+do at scale. CUDA preset: Qwen2.5-0.5B-shaped student, Qwen2.5-1.5B-shaped teacher, bf16, 8 x 1024
+response tokens, chunk 512 (the config default and the paper's loss chunk).
+
+Floor estimate (first principles, a lower-bound-style sanity column; all in the weight dtype unless said):
+    baseline = weights(student + teacher) + AdamW state (2 x student params)
+    peak     = baseline + max over phases of:
+      loss/backward: student activations (no grad ckpt: B*L*layers*(10*H + 4*I) elements;
+                     grad ckpt: B*L*layers*H + one layer) + teacher hidden B*T*Ht
+                     + tied embedding grads 2*V*Hs (lm_head and input-embedding grads, summed) + logits buffers
+      optimizer:     all student grads
+    logits buffers: peer  B*T*V * (student logits [dtype] + log-softmax [fp32] + grad [dtype]
+                                    + teacher logits [dtype])
+                    ours  chunk*V*4 bytes * 4 (student/teacher logits and log-softmax of one chunk)
+                          + kept hidden states K*(Hs + Ht)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 1024**3
+VOCAB = 151_936  # Qwen2 / Qwen2.5 vocabulary (logits width)
+SELECTIVE = ("entropy", "type_aware", "q3")
+KEEPS = (0.5, 0.2, 0.1)
+
+PRESETS = {
+    "cpu": dict(
+        dtype="float32", batch=4, resp_len=128, prompt_len=16, chunk=64, warmup=1, repeats=2, timeout=300,
+        student=dict(hidden=128, layers=2, heads=2, kv_heads=1, intermediate=512),
+        teacher=dict(hidden=192, layers=3, heads=3, kv_heads=1, intermediate=768),
+    ),
+    "cuda": dict(  # Qwen2.5-0.5B-shaped student, Qwen2.5-1.5B-shaped teacher
+        dtype="bfloat16", batch=8, resp_len=1024, prompt_len=64, chunk=512, warmup=1, repeats=3, timeout=150,
+        student=dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864),
+        teacher=dict(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960),
+    ),
+}
+
+
+def all_configs() -> list[str]:
+    """Target-relevant first (peer, full, keep 0.5, keep 0.2), so a run cut short by --budget still decides them."""
+    return ["peer", "full"] + [f"{sel}@{keep}" for keep in KEEPS for sel in SELECTIVE]
+
+
+def parse_config(name: str) -> tuple[str, float]:
+    if name in ("peer", "full"):
+        return name, 1.0
+    sel, keep = name.split("@")
+    return sel, float(keep)
+
+
+# --- import guard for machines without Hydra ------------------------------------------------------------
+
+
+def block_imports(names: list[str]) -> None:
+    """Dev aid: make `import <name>` fail, to rehearse the GPU machine's bare environment on CPU."""
+    import importlib.abc
+
+    class _Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target=None):
+            if fullname.split(".")[0] in names:
+                raise ImportError(f"{fullname} blocked by --block-imports")
+            return None
+
+    sys.meta_path.insert(0, _Block())
+
+
+def ensure_config_imports() -> str | None:
+    """tipdistill.losses/selectors/scoring -> tipdistill.registry (`from tipdistill.config import ConfigError`)
+    -> tipdistill.config, whose module top does `from hydra.core.config_store import ConfigStore` and
+    `from omegaconf import DictConfig, OmegaConf`. Where Hydra/omegaconf are missing (the GPU machine),
+    register placeholder modules with just those three names: the benchmark never calls into them
+    (it only uses the SelectorConfig dataclass). Returns a note when the shim was used."""
+    try:
+        import hydra.core.config_store  # noqa: F401
+        import omegaconf  # noqa: F401
+
+        return None
+    except ImportError:
+        pass
+    import types
+
+    def _placeholder(name: str):
+        def _fail(*args, **kwargs):
+            raise RuntimeError(f"{name} is a bench_update.py import shim (Hydra/omegaconf not installed)")
+
+        return type(name, (), {"__init__": _fail, "instance": staticmethod(_fail)})
+
+    hydra = types.ModuleType("hydra")
+    core = types.ModuleType("hydra.core")
+    store = types.ModuleType("hydra.core.config_store")
+    store.ConfigStore = _placeholder("ConfigStore")
+    hydra.core, core.config_store = core, store
+    omegaconf = types.ModuleType("omegaconf")
+    omegaconf.DictConfig = _placeholder("DictConfig")
+    omegaconf.OmegaConf = _placeholder("OmegaConf")
+    sys.modules.update({"hydra": hydra, "hydra.core": core, "hydra.core.config_store": store, "omegaconf": omegaconf})
+    return "hydra/omegaconf missing: shimmed (tipdistill/registry.py imports tipdistill.config, which imports hydra at module top)"
+
+
+# --- child: one configuration -------------------------------------------------------------------------------
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def maxrss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class PhaseMeter:
+    """Per-phase wall time and peak memory of the profiled (first warm-up) step. CUDA: allocator peak
+    per phase (sync + reset at entry). CPU: a thread samples RSS every `interval_s` and charges it to
+    the current phase. After `close()` phases are no-ops, so timed steps run without syncs or sampling."""
+
+    enabled = True
+
+    def __init__(self, device, interval_s: float = 0.003):
+        import torch
+
+        self.torch, self.device = torch, device
+        self.cuda = device.type == "cuda"
+        self.peak: dict[str, int] = {}
+        self.time: dict[str, float] = {}
+        self.current = "idle"
+        self._stop = threading.Event()
+        if not self.cuda:
+            self._thread = threading.Thread(target=self._sample, args=(interval_s,), daemon=True)
+            self._thread.start()
+
+    def _sample(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            self._charge(self.current, rss_bytes())
+
+    def _charge(self, phase: str, value: int) -> None:
+        if value > self.peak.get(phase, 0):
+            self.peak[phase] = value
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+
+    def phase(self, name: str):
+        meter = self
+        if not self.enabled:
+            import contextlib
+
+            return contextlib.nullcontext()
+
+        class _Ctx:
+            def __enter__(self):
+                meter.sync()
+                if meter.cuda:
+                    meter.torch.cuda.reset_peak_memory_stats(meter.device)
+                else:
+                    meter._charge(name, rss_bytes())
+                meter.current = name
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                meter.sync()
+                meter.time[name] = meter.time.get(name, 0.0) + time.perf_counter() - self.t0
+                if meter.cuda:
+                    meter._charge(name, meter.torch.cuda.max_memory_allocated(meter.device))
+                else:
+                    meter._charge(name, rss_bytes())
+                meter.current = "idle"
+
+        return _Ctx()
+
+    def close(self) -> None:
+        self.enabled = False
+        self._stop.set()
+
+
+def build_pair(p: dict, device, dtype):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    def make(shape: dict, seed: int):
+        cfg = Qwen2Config(
+            vocab_size=VOCAB, hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+            num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+            max_position_embeddings=max(4096, p["prompt_len"] + p["resp_len"]), tie_word_embeddings=True,
+            rope_theta=1_000_000.0, rms_norm_eps=1e-6, attn_implementation="sdpa",
+        )
+        torch.manual_seed(seed)
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # build in the target dtype: no fp32 copy of a 1.5B model
+        try:
+            with torch.device(device):
+                model = Qwen2ForCausalLM(cfg)
+        finally:
+            torch.set_default_dtype(old)
+        # Built in `dtype` already; no .to(dtype), which would also cast the fp32 RoPE inv_freq buffer
+        # (from_pretrained(dtype=...) leaves it fp32 too).
+        return model.to(device)
+
+    student = make(p["student"], 1)
+    teacher = make(p["teacher"], 2)
+    student.train(True).requires_grad_(True)  # as models.load_model(trainable=True)
+    teacher.train(False).requires_grad_(False)
+    return student, teacher
+
+
+def make_batch(p: dict, device):
+    import torch
+    from tipdistill.types import Rollout
+
+    B, Lp, T = p["batch"], p["prompt_len"], p["resp_len"]
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, VOCAB, (B, Lp + T), generator=g)
+    return Rollout(
+        input_ids_B_L=ids.to(device), attention_mask_B_L=torch.ones(B, Lp + T, dtype=torch.long, device=device),
+        response_mask_B_T=torch.ones(B, T, dtype=torch.bool, device=device), prompt_len=Lp,
+        truncated_B=torch.ones(B, dtype=torch.bool), prompt_index_B=torch.arange(B),
+    )
+
+
+def get_response_hidden():
+    try:
+        from tipdistill.train import response_hidden
+
+        return response_hidden, "tipdistill.train.response_hidden"
+    except ImportError as exc:  # keep benchmarking; say so loudly
+        print(f"WARNING: tipdistill.train not importable ({exc}); using a verbatim copy of response_hidden", file=sys.stderr)
+
+        def response_hidden(model, rollout, rows):
+            Lp, T = rollout.prompt_len, rollout.response_mask_B_T.shape[1]
+            out = model.model(input_ids=rollout.input_ids_B_L[rows], attention_mask=rollout.attention_mask_B_L[rows],
+                              position_ids=rollout.position_ids_B_L[rows])
+            return out.last_hidden_state[:, Lp - 1 : Lp - 1 + T]
+
+        return response_hidden, "copy (tipdistill.train import failed)"
+
+
+def run_one(args) -> dict:
+    import torch
+
+    shim_note = ensure_config_imports()
+    from tipdistill.config import SelectorConfig
+    from tipdistill.losses import DIVERGENCES, kept_token_loss
+    from tipdistill.scoring import token_stats
+    from tipdistill.selectors import SELECTORS
+
+    response_hidden, rh_source = get_response_hidden()
+    p = json.loads(args.params)
+    device = torch.device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[p["dtype"]]
+    name, keep = parse_config(args.one)
+    cuda = device.type == "cuda"
+
+    t_setup = time.perf_counter()
+    student, teacher = build_pair(p, device, dtype)
+    if p["grad_ckpt"]:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=3e-4, betas=(0.9, 0.98), weight_decay=0.0)
+    for prm in student.parameters():  # allocate the AdamW state now: a zero-gradient step is a no-op update
+        prm.grad = torch.zeros_like(prm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    rollout = make_batch(p, device)
+    mask_B_T = rollout.response_mask_B_T
+    micro = [slice(0, p["batch"])]  # micro_batch_size >= B: train.py's single micro-batch branch
+    chunk, vocab_width = p["chunk"], None
+    if cuda:
+        torch.cuda.synchronize(device)
+        baseline = torch.cuda.memory_allocated(device)
+    else:
+        baseline = rss_bytes()
+    setup_maxrss = None if cuda else maxrss_bytes()
+    setup_s = time.perf_counter() - t_setup
+    meter = PhaseMeter(device)
+    info: dict = {}
+
+    def our_update(step: int) -> None:
+        select = SELECTORS.get(name)
+        sel_cfg = SelectorConfig(name=name)
+        # --- [3] teacher: hidden states, no grad (train.py)
+        with meter.phase("teacher"), torch.no_grad():
+            teacher_hidden_B_T_H = torch.cat([response_hidden(teacher, rollout, rows) for rows in micro])
+        # --- [4a] student forward with grad; its detached output feeds the stats
+        with meter.phase("student_fwd"):
+            student_hidden = [response_hidden(student, rollout, micro[0])]
+            stats_hidden_B_T_H = student_hidden[0].detach()
+        with meter.phase("stats_select"):
+            stats = token_stats(stats_hidden_B_T_H, teacher_hidden_B_T_H, mask_B_T, s_head, t_head, chunk, vocab_width)
+            del stats_hidden_B_T_H
+            generator = torch.Generator(device="cpu").manual_seed(1_000_003 + step)
+            keep_mask_B_T = select(stats, keep, sel_cfg, generator).to(device)
+        n_kept = int(keep_mask_B_T.sum())
+        # --- [5] loss on kept positions only; [6] update
+        for rows in micro:
+            hidden = student_hidden[0]
+            with meter.phase("loss_fwd"):
+                loss_sum, _ = kept_token_loss(hidden, teacher_hidden_B_T_H[rows], keep_mask_B_T[rows], s_head, t_head,
+                                              "reverse_kl", 0.5, chunk, vocab_width)
+                loss = loss_sum / max(1, n_kept)
+            with meter.phase("backward"):
+                loss.backward()
+            info["loss"] = float(loss.detach())
+            del hidden, loss_sum, loss
+        student_hidden = None
+        with meter.phase("optimizer"):
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        m = stats.mask_B_T
+        info.update(kept=n_kept, tokens=int(m.sum()), h_mean=float(stats.h_B_T[m].mean()), h_std=float(stats.h_B_T[m].std()),
+                    rkl_mean=float(stats.rkl_B_T[m].mean()), rkl_std=float(stats.rkl_B_T[m].std()),
+                    fkl_mean=float(stats.fkl_B_T[m].mean()),
+                    kept_h_mean=float(stats.h_B_T[keep_mask_B_T].mean()), kept_rkl_mean=float(stats.rkl_B_T[keep_mask_B_T].mean()))
+
+    reverse_kl = DIVERGENCES.get("reverse_kl")
+
+    def peer_update(step: int) -> None:
+        B, T = mask_B_T.shape
+        with meter.phase("teacher"), torch.no_grad():
+            t_hidden = torch.cat([response_hidden(teacher, rollout, rows) for rows in micro])
+            t_logits_BT_V = t_head(t_hidden).reshape(B * T, -1)  # full [B*T, V], no grad
+            del t_hidden
+        with meter.phase("student_fwd"):
+            s_logits_BT_V = s_head(response_hidden(student, rollout, micro[0])).reshape(B * T, -1)  # full, with grad
+        with meter.phase("loss_fwd"):
+            mask_BT = mask_B_T.reshape(-1)
+            loss_sum = 0.0
+            for s_C_V, t_C_V, m_C in zip(s_logits_BT_V.split(chunk), t_logits_BT_V.split(chunk), mask_BT.split(chunk)):
+                div_C = reverse_kl(s_C_V, t_C_V)  # fp32 log-softmax of the chunk, autograd keeps it
+                loss_sum = loss_sum + torch.where(m_C, div_C, 0.0).sum()
+            n = int(mask_BT.sum())
+            loss = loss_sum / max(1, n)
+        with meter.phase("backward"):
+            loss.backward()
+        info.update(loss=float(loss.detach()), kept=n, tokens=n)
+        del loss, loss_sum, s_logits_BT_V, t_logits_BT_V
+        with meter.phase("optimizer"):
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    update = peer_update if name == "peer" else our_update
+    times, peaks, warm_peaks = [], [], []
+    if p["warmup"] < 1:
+        meter.close()  # no warm-up step to profile: no per-phase numbers
+    for step in range(p["warmup"] + p["repeats"]):
+        if step == 1:
+            meter.close()  # phases were profiled on step 0 (a warm-up step)
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        update(step)
+        if cuda:
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated(device) if cuda else maxrss_bytes()
+        if cuda and step == 0 and meter.peak:  # the profiled step reset the counter per phase
+            peak = max(peak, *meter.peak.values())
+        (warm_peaks if step < p["warmup"] else peaks).append(peak)
+        if step >= p["warmup"]:
+            times.append(dt)
+    meter.close()
+    peak = max(peaks)  # CUDA: reset before each step, max_memory_allocated after; CPU: ru_maxrss
+    out = {
+        "config": args.one, "selector": name, "keep": keep, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "peak_bytes": peak, "baseline_bytes": baseline, "warmup_peak_bytes": max(warm_peaks) if warm_peaks else None,
+        "setup_maxrss_bytes": setup_maxrss,
+        "step_peak_not_above_setup": (setup_maxrss is not None and peak <= setup_maxrss),
+        "times_s": times, "median_s": statistics.median(times), "setup_s": setup_s,
+        "phase_peak_bytes": meter.peak, "phase_time_s": meter.time,
+        "response_hidden": rh_source, "shim": shim_note,
+        "student_params": sum(x.numel() for x in student.parameters()),
+        "teacher_params": sum(x.numel() for x in teacher.parameters()),
+        **info,
+    }
+    if cuda:
+        out["max_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    return out
+
+
+# --- floor estimate ---------------------------------------------------------------------------------------------
+
+
+def qwen2_params(shape: dict) -> int:
+    H, I, n = shape["hidden"], shape["intermediate"], shape["layers"]
+    hd = H // shape["heads"]
+    kv = shape["kv_heads"] * hd
+    attn = H * H + H + 2 * (H * kv + kv) + H * H  # q (bias), k, v (bias), o
+    layer = attn + 3 * H * I + 2 * H
+    return VOCAB * H + n * layer + H  # tied embeddings
+
+
+def floor_estimate(p: dict, name: str, kept: int) -> dict:
+    bw = 2 if p["dtype"] in ("bfloat16", "float16") else 4
+    s, t = p["student"], p["teacher"]
+    B, T, L = p["batch"], p["resp_len"], p["prompt_len"] + p["resp_len"]
+    Ps, Pt = qwen2_params(s), qwen2_params(t)
+    weights = (Ps + Pt) * bw
+    adam = 2 * Ps * bw
+    Hs, Is, ns = s["hidden"], s["intermediate"], s["layers"]
+    if p["grad_ckpt"]:
+        act = B * L * (ns * Hs + 10 * Hs + 4 * Is) * bw
+    else:
+        act = B * L * ns * (10 * Hs + 4 * Is) * bw
+    t_hidden = B * T * t["hidden"] * bw
+    emb_grad = 2 * VOCAB * Hs * bw  # tied: the lm_head grad and the dense input-embedding grad meet in one sum
+    N = B * T
+    if name == "peer":
+        logits = N * VOCAB * (bw + 4 + bw + bw)
+    else:
+        logits = min(p["chunk"], N) * VOCAB * 4 * 4 + kept * (Hs + t["hidden"]) * bw
+    transient = max(act + t_hidden + emb_grad + logits, Ps * bw)
+    return {"weights": weights, "adam": adam, "activations": act, "teacher_hidden": t_hidden, "emb_grad": emb_grad,
+            "logits": logits, "baseline": weights + adam, "total": weights + adam + transient}
+
+
+# --- parent: run all, tabulate --------------------------------------------------------------------------------------
+
+
+def fmt(x, nd=2):
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def run_all(args, p: dict) -> int:
+    configs = args.configs.split(",") if args.configs else all_configs()
+    results: dict[str, dict] = {}
+    t_all = time.perf_counter()
+    for cfg in configs:
+        left = args.budget - (time.perf_counter() - t_all) if args.budget else None
+        if left is not None and left < 20:
+            print(f"[{cfg}] SKIPPED: --budget {args.budget} s spent", flush=True)
+            results[cfg] = {"config": cfg, "error": "skipped (budget)"}
+            continue
+        timeout = p["timeout"] if left is None else min(p["timeout"], left)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--one", cfg, "--device", args.device,
+               "--params", json.dumps(p)]
+        if args.block_imports:
+            cmd += ["--block-imports", args.block_imports]
+        env = dict(os.environ)
+        if args.device == "cpu" and not args.malloc_default:
+            # A fixed glibc mmap threshold (this also turns off its dynamic raise up to 32 MiB): every
+            # buffer >= 4 MiB is its own mapping, returned to the OS on free, so RSS follows the live
+            # tensors instead of heap fragments retained from earlier chunks. Costs page faults (time).
+            env.setdefault("MALLOC_MMAP_THRESHOLD_", str(4 * 1024 * 1024))
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+        except subprocess.TimeoutExpired:
+            print(f"[{cfg}] TIMEOUT after {timeout:.0f} s", flush=True)
+            results[cfg] = {"config": cfg, "error": "timeout"}
+            continue
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH_JSON ")), None)
+        if proc.returncode != 0 or line is None:
+            tail = (proc.stderr or proc.stdout)[-2000:]
+            print(f"[{cfg}] FAILED rc={proc.returncode}\n{tail}", flush=True)
+            results[cfg] = {"config": cfg, "error": f"rc={proc.returncode}"}
+            continue
+        r = json.loads(line[len("BENCH_JSON "):])
+        r["wall_s"] = time.perf_counter() - t0
+        results[cfg] = r
+        print(f"[{cfg}] peak {r['peak_bytes'] / GIB:.2f} GiB, median step {r['median_s']:.3f} s "
+              f"(steps {', '.join(f'{x:.2f}' for x in r['times_s'])}), kept {r['kept']}, child {r['wall_s']:.0f} s", flush=True)
+        for w in ([r["shim"]] if r.get("shim") else []) + ([f"response_hidden: {r['response_hidden']}"] if "copy" in r["response_hidden"] else []):
+            print(f"    note: {w}", flush=True)
+    total_s = time.perf_counter() - t_all
+    md = report(results, p, args, total_s)
+    print(md)
+    if args.out:
+        out = Path(args.out)
+        base = out.with_suffix("") if out.suffix in (".json", ".md") else out
+        base.parent.mkdir(parents=True, exist_ok=True)
+        base.with_suffix(".md").write_text(md)
+        base.with_suffix(".json").write_text(json.dumps({"params": p, "device": args.device, "total_s": total_s,
+                                                         "results": results}, indent=2))
+        print(f"wrote {base.with_suffix('.md')} and {base.with_suffix('.json')}")
+    return 0 if all("error" not in r for r in results.values()) else 1
+
+
+def report(results: dict, p: dict, args, total_s: float) -> str:
+    ok = {k: r for k, r in results.items() if "error" not in r}
+    peer, full = ok.get("peer"), ok.get("full")
+    any_r = next(iter(ok.values()), {})
+    lines = []
+    dev = any_r.get("device_name", args.device)
+    lines.append(f"## Update-step benchmark: {dev} (torch {any_r.get('torch', '?')}, {any_r.get('threads', '?')} threads)")
+    lines.append("")
+    lines.append(f"B={p['batch']} x T={p['resp_len']} response tokens (+{p['prompt_len']} prompt), V={VOCAB}, {p['dtype']}, "
+                 f"chunk {p['chunk']}, grad ckpt {'on' if p['grad_ckpt'] else 'off'}, {p['warmup']} warm-up + {p['repeats']} timed steps; "
+                 f"student {p['student']} ({any_r.get('student_params', 0) / 1e6:.1f}M), "
+                 f"teacher {p['teacher']} ({any_r.get('teacher_params', 0) / 1e6:.1f}M). "
+                 f"Peak: {'max_memory_allocated per step' if args.device == 'cuda' else 'ru_maxrss of a fresh process (setup + all steps)'}; "
+                 f"baseline: {'memory_allocated' if args.device == 'cuda' else 'RSS'} after setup (weights + AdamW state).")
+    lines.append("")
+    lines.append("| config | keep | kept tokens | peak GiB | peak above baseline GiB | floor estimate GiB | median step s | "
+                 "memory ratio to peer | memory ratio to full | time ratio to peer | time ratio to full |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for cfg, r in results.items():
+        if "error" in r:
+            lines.append(f"| {cfg} | | | {r['error']} | | | | | | | |")
+            continue
+        fl = floor_estimate(p, r["selector"], r["kept"])
+        pk, ab, med = r["peak_bytes"], r["peak_bytes"] - r["baseline_bytes"], r["median_s"]
+        flag = " (!)" if r.get("step_peak_not_above_setup") else ""
+        lines.append(
+            f"| {cfg} | {fmt(r['keep'], 1)} | {r['kept']} | {fmt(pk / GIB)}{flag} | {fmt(ab / GIB)} | {fmt(fl['total'] / GIB)} | "
+            f"{fmt(med, 3)} | {fmt(pk / peer['peak_bytes'] if peer else None)} | {fmt(pk / full['peak_bytes'] if full else None)} | "
+            f"{fmt(med / peer['median_s'] if peer else None)} | {fmt(med / full['median_s'] if full else None)} |")
+    if ok:
+        b = statistics.median(r["baseline_bytes"] for r in ok.values())
+        fl = floor_estimate(p, "full", 0)
+        lines.append("")
+        lines.append(f"Post-setup baseline (median over configs): {b / GIB:.2f} GiB measured vs {fl['baseline'] / GIB:.2f} GiB "
+                     f"weights + AdamW estimated" + (" (the rest is the Python/torch runtime and allocator slack)."
+                                                      if args.device == "cpu" else " (the rest: batch tensors, CUDA/cuBLAS workspaces)."))
+    if any(r.get("step_peak_not_above_setup") for r in ok.values()):
+        lines.append("")
+        lines.append("(!) the update steps never exceeded the setup's RSS high-water mark: the peak shown is the setup's.")
+    lines.append("")
+
+    # --- targets
+    missed = False
+
+    def reduction(r):
+        return 1.0 - r["peak_bytes"] / peer["peak_bytes"]
+
+    for keep, need in ((0.5, 0.47), (0.2, 0.58)):
+        rows = [r for r in ok.values() if r["selector"] in SELECTIVE and abs(r["keep"] - keep) < 1e-9]
+        if peer is None or not rows:
+            lines.append(f"peak memory reduced by >= {need:.0%} at keep {keep} vs peer: n/a (missing runs)")
+            missed = True
+            continue
+        worst = min(rows, key=reduction)
+        passed = reduction(worst) >= need
+        missed |= not passed
+        detail = ", ".join(f"{r['selector']} {reduction(r):.1%}" for r in rows)
+        above = ", ".join(f"{r['selector']} {1 - (r['peak_bytes'] - r['baseline_bytes']) / (peer['peak_bytes'] - peer['baseline_bytes']):.1%}" for r in rows)
+        lines.append(f"peak memory reduced by >= {need:.0%} at keep {keep} vs peer: {'PASS' if passed else 'FAIL'} "
+                     f"({reduction(worst):.1%}, worst of: {detail}; above-baseline reduction: {above})")
+    if peer and full:
+        passed = full["peak_bytes"] < peer["peak_bytes"]
+        missed |= not passed
+        lines.append(f"our full below peer: {'PASS' if passed else 'FAIL'} ({full['peak_bytes'] / GIB:.2f} vs {peer['peak_bytes'] / GIB:.2f} GiB, "
+                     f"{1 - full['peak_bytes'] / peer['peak_bytes']:.1%} lower)")
+        rows = [r for r in ok.values() if r["selector"] in SELECTIVE and abs(r["keep"] - 0.2) < 1e-9]
+        if rows:
+            worst = max(rows, key=lambda r: r["median_s"])
+            passed = worst["median_s"] <= full["median_s"]
+            missed |= not passed
+            detail = ", ".join(f"{r['selector']} {r['median_s']:.3f} s" for r in rows)
+            lines.append(f"update time at keep 0.2 no slower than our full: {'PASS' if passed else 'FAIL'} "
+                         f"(slowest {worst['median_s']:.3f} s vs full {full['median_s']:.3f} s; {detail})")
+    else:
+        lines.append("our full below peer: n/a (missing runs)")
+        lines.append("update time at keep 0.2 no slower than our full: n/a (missing runs)")
+        missed = True
+
+    if missed or args.phases:
+        lines.append("")
+        lines.append("Where the memory goes: per-phase peak GiB above the post-setup baseline "
+                     + ("(allocator peak per phase)" if args.device == "cuda" else "(RSS sampled every ~3 ms)")
+                     + " and phase times s, both from the first warm-up step; floor components GiB")
+        lines.append("")
+        phases = ["teacher", "student_fwd", "stats_select", "loss_fwd", "backward", "optimizer"]
+        lines.append("| config | " + " | ".join(phases) + " | phase times s | floor: act / logits / t-hidden / emb-grad |")
+        lines.append("|---|" + "---|" * (len(phases) + 2))
+        for cfg, r in ok.items():
+            pk = r["phase_peak_bytes"]
+            cells = [fmt((pk[ph] - r["baseline_bytes"]) / GIB) if ph in pk else "-" for ph in phases]
+            tm = " / ".join(f"{r['phase_time_s'].get(ph, 0):.2f}" for ph in phases)
+            fl = floor_estimate(p, r["selector"], r["kept"])
+            fc = " / ".join(fmt(fl[k] / GIB) for k in ("activations", "logits", "teacher_hidden", "emb_grad"))
+            lines.append(f"| {cfg} | " + " | ".join(cells) + f" | {tm} | {fc} |")
+    lines.append("")
+    if ok:
+        r = next((x for x in ok.values() if x["selector"] != "peer"), None)
+        if r:
+            lines.append(f"Statistics (real, from the two random-weight models; {r['config']}): h mean {r['h_mean']:.5f} "
+                         f"(std {r['h_std']:.2e}), rkl mean {r['rkl_mean']:.4f} (std {r['rkl_std']:.2e}), fkl mean {r['fkl_mean']:.4f}; "
+                         f"kept tokens: h mean {r['kept_h_mean']:.5f}, rkl mean {r['kept_rkl_mean']:.4f}.")
+    lines.append(f"Total benchmark wall time: {total_s:.0f} s.")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="also picks the size preset")
+    ap.add_argument("--configs", default=None, help=f"comma list (default all): {','.join(all_configs())}")
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--resp-len", type=int)
+    ap.add_argument("--prompt-len", type=int)
+    ap.add_argument("--chunk", type=int, help="positions per LM-head chunk (stats, loss, peer divergence)")
+    ap.add_argument("--warmup", type=int)
+    ap.add_argument("--repeats", type=int)
+    ap.add_argument("--timeout", type=int, help="seconds per configuration subprocess")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run: later configs are skipped, the table still printed")
+    ap.add_argument("--grad-ckpt", action="store_true", help="student gradient checkpointing (non-reentrant)")
+    ap.add_argument("--phases", action="store_true", help="always print the per-phase memory table")
+    ap.add_argument("--malloc-default", action="store_true", help="CPU: keep glibc's default mmap threshold")
+    ap.add_argument("--out", default=None, help="write <out>.md and <out>.json")
+    ap.add_argument("--block-imports", default="", help="dev aid, e.g. hydra,omegaconf,wandb,vllm: rehearse a bare env")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--params", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.block_imports:
+        block_imports([x for x in args.block_imports.split(",") if x])
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # the GPU machine has the tree but not the editable install
+    if args.one:
+        print("BENCH_JSON " + json.dumps(run_one(args)), flush=True)
+        return 0
+    p = dict(PRESETS[args.device])
+    for key in ("batch", "resp_len", "prompt_len", "chunk", "warmup", "repeats", "timeout"):
+        if getattr(args, key) is not None:
+            p[key] = getattr(args, key)
+    p["grad_ckpt"] = args.grad_ckpt
+    return run_all(args, p)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
