@@ -96,11 +96,12 @@ def test_end_to_end_vllm_run_writes_every_output(tmp_path, tiny_pair):
 
 @pytest.mark.slow
 def test_multirun_gives_one_directory_per_job(tmp_path, tiny_pair):
-    out = cli(["train", "-m", *TINY_PAIR, *TINY_RUN, "rollout=hf", "steps=1", "selector=full,type_aware", "keep=0.5",
+    # two vLLM engines in one process (Hydra's basic launcher runs jobs in-process): the second must not fail
+    out = cli(["train", "-m", *TINY_PAIR, *TINY_RUN, "steps=1", "selector=full,type_aware", "keep=0.5",
                f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     dirs = run_dirs(tmp_path / "sweep")
-    assert len(dirs) == 2 and dirs[0].name.startswith("0_keep=0.5,") and dirs[1].name.startswith("1_keep=0.5,")
+    assert len(dirs) == 2 and dirs[0].name.startswith("0_") and dirs[1].name.startswith("1_")
     for d, selector in zip(dirs, ["full", "type_aware"]):
         assert f"selector={selector}" in yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text())
         assert (d / "summary.json").exists()

@@ -164,3 +164,64 @@ def test_checkpoint_rotation_keeps_the_last_n(tmp_path, tiny_pair):
     for step in range(1, 5):
         checkpoint.save(tmp_path, step, model, tok, opt, sched, {}, keep_last=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_000003", "step_000004"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("keep=0", "keep must be in (0, 1]"),
+    ("keep=-0.5", "keep must be in (0, 1]"),
+    ("selector.name=topk", "unknown selector 'topk'; valid: divergence, entropy"),
+    ("loss.name=kl", "unknown loss 'kl'; valid: forward_kl, jsd, reverse_kl"),
+    ("rollout.engine=sglang", "unknown rollout engine 'sglang'; valid: hf, vllm"),
+    ("steps=-1", "steps must be > 0"),
+    ("prompts_per_step=0", "prompts_per_step must be > 0"),
+    ("rollouts_per_prompt=0", "rollouts_per_prompt must be > 0"),
+    ("micro_batch_size=0", "micro_batch_size must be > 0"),
+    ("loss.chunk_size=0", "loss.chunk_size must be > 0"),
+    ("scoring.chunk_size=0", "scoring.chunk_size must be > 0"),
+    ("eval.samples=0", "eval.samples must be > 0"),
+    ("rollout.temperature=0", "rollout.temperature must be > 0"),
+    ("model.embedded.student.heads=5", "must be divisible by heads"),
+])
+def test_bad_values_fail_validation_with_one_line(override, message):
+    from tipdistill.config import ConfigError, validate
+
+    with pytest.raises(ConfigError) as info:
+        validate(compose([override]))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_completion_longer_than_the_context_fails_before_loading(tmp_path, tiny_pair):
+    import tipdistill.train as tr
+    from tipdistill.config import ConfigError
+
+    with pytest.raises(ConfigError, match="does not fit the student's context"):
+        tr.train(_typed(tmp_path, ["rollout.max_completion_length=100000"]), tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_fuzzed_overrides_never_end_in_an_unhandled_error():
+    """Random and malformed overrides: either a valid config, a ConfigError, or Hydra's own error."""
+    import random
+
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from tipdistill.config import ConfigError, validate
+
+    keys = ["keep", "steps", "seed", "selector.name", "loss.beta", "rollout.top_p", "optim.lr", "task.digits", "eval.samples",
+            "selector.granularity", "scoring.chunk_size", "model.dtype", "logger.name", "nope.key", "optim.schedule"]
+    values = ["0", "-1", "1e9", "0.5", "abc", "[1,2]", "null", "", "{a:1}", "'x y'", "1.5", "true", "${oc.env:HOME}", "per_batch",
+              "${broken", "[", "float32", "wandb"]
+    rng = random.Random(0)
+    outcomes = {"ok": 0, "config": 0, "hydra": 0}
+    for _ in range(150):
+        overrides = [f"{rng.choice(keys)}={rng.choice(values)}" for _ in range(rng.randint(1, 3))]
+        try:
+            validate(compose(overrides))
+            outcomes["ok"] += 1
+        except ConfigError as exc:
+            assert "\n" not in str(exc)
+            outcomes["config"] += 1
+        except (HydraException, OmegaConfBaseException):
+            outcomes["hydra"] += 1
+    assert all(outcomes.values()), outcomes  # the fuzzer reached every kind of outcome
