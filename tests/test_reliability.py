@@ -194,8 +194,10 @@ def test_completion_longer_than_the_context_fails_before_loading(tmp_path, tiny_
     import tipdistill.train as tr
     from tipdistill.config import ConfigError
 
+    student, teacher, _ = tiny_pair  # explicit paths: an embedded pair is always built to fit its own length
     with pytest.raises(ConfigError, match="does not fit the student's context"):
-        tr.train(_typed(tmp_path, ["rollout.max_completion_length=100000"]), tmp_path)
+        tr.train(_typed(tmp_path, [f"model.student={student}", f"model.teacher={teacher}",
+                                   "rollout.max_completion_length=100000"]), tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
 
 

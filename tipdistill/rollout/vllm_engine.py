@@ -24,6 +24,11 @@ class VLLMEngine:
         if device == "cuda":
             kwargs.update(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=cfg.vllm_enable_sleep_mode)
         self.llm = LLM(**kwargs)
+        # Rotary layers own no checkpoint weights; vLLM warns "Failed to load weights" for them on every
+        # in-place reload, and then (correctly) keeps their tables. Silence that one logger.
+        import logging
+
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         self.sleep_mode = device == "cuda" and cfg.vllm_enable_sleep_mode
 
     def generate(self, prompt_ids_P, n, *, temperature, top_p, top_k, max_tokens, seed):
