@@ -1,0 +1,129 @@
+"""The planning task: every generated problem is solvable by its reference plan, the checker scores the
+exact fraction of satisfied constraints, garbage scores 0, and the held-out split is fixed and unseen."""
+
+import ast
+import random
+from pathlib import Path
+
+import pytest
+
+import tipdistill
+from conftest import compose
+from omegaconf import OmegaConf
+
+from tipdistill.config import TaskConfig
+from tipdistill.tasks import TASKS, Problem, build_task
+from tipdistill.tasks.planning import cell_name, check, greedy_route, parse_cell, render
+
+
+def _charset() -> str:
+    """tipdistill.embedded.CHARSET, read without importing torch (keeps this file a few seconds)."""
+    tree = ast.parse((Path(tipdistill.__file__).parent / "embedded.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "CHARSET":
+            return "".join(ast.literal_eval(part) for part in ast.unparse(node.value).split(" + "))
+    raise AssertionError("CHARSET not found in tipdistill/embedded.py")
+
+
+CHARSET = _charset()
+
+
+def planning(**kw) -> object:
+    return build_task(TaskConfig(name="planning", digits=kw.pop("digits", [1, 2, 3]), **kw))
+
+
+# a -> m -> t, never b or n, at most 8 moves: 6 constraints (legal, stop, goal, 2 x avoid, budget)
+#   u v w x y
+#   p q r s t
+#   k l m n o
+#   f g h i j
+#   a b c d e
+META = {"start": "a", "stop": "m", "goal": "t", "forbidden": ["b", "n"], "budget": 8}
+PROBLEM = Problem(prompt="Q:a>m>t no b,n max 8?A:", answer="Rb#UfRgRhUm;Rn#UrRsRt", meta=META)
+
+
+def test_reference_plan_of_a_hand_made_problem():
+    legs = greedy_route(parse_cell("a"), parse_cell("m"), parse_cell("t"), [parse_cell("b"), parse_cell("n")])
+    assert render(legs) == PROBLEM.answer
+    assert [cell_name((x, y)) for y in range(5) for x in range(5)] == list("abcdefghijklmnopqrstuvwxy")
+    assert planning().score(PROBLEM, PROBLEM.answer) == 1.0
+
+
+def test_every_generated_problem_is_solvable_and_compact():
+    task, charset = planning(), set(CHARSET)
+    for seed in range(40):
+        for p in task.train_problems(random.Random(seed), 50):  # 2000 problems
+            ref = task.solution(p)
+            assert task.score(p, ref) == 1.0, (p.prompt, ref)
+            assert all(check(p.meta, ref).values())
+            assert len(p.prompt) < 60 and len(ref) < 60
+            assert set(p.prompt) <= charset and set(ref) <= charset
+            assert len(ref.replace(";", "")) - 3 * ref.count("#") <= 2 * p.meta["budget"]  # executed moves
+            assert len(p.meta["forbidden"]) in (1, 2, 3)
+            assert f"no {','.join(p.meta['forbidden'])} max {p.meta['budget']}?A:" in p.prompt
+
+
+def test_forbidden_cells_matter_in_most_problems():
+    task = planning()
+    ps = task.train_problems(random.Random(0), 500)
+    altered = 0
+    for p in ps:
+        free = greedy_route(*(parse_cell(p.meta[k]) for k in ("start", "stop", "goal")), ())
+        altered += render(free) != p.answer
+        assert (render(free) != p.answer) == ("#" in p.answer)
+    assert altered / len(ps) > 0.5  # a model that ignores them cannot reach high accuracy
+
+
+@pytest.mark.parametrize(
+    "plan, expected, broken",
+    [
+        ("Rb#UfRgRhUm;Rn#UrRsRt", 6 / 6, []),
+        ("UfRgRhUm;UrRsRt", 6 / 6, []),  # tried-and-cancelled moves and the `;` marker are optional
+        ("UfRgRhUmUrRsRt", 6 / 6, []),
+        ("Rb#Rb#UfRgRhUm;Ud#Rn#UrRsRt", 6 / 6, []),  # a cancelled move is never executed, legal or not
+        ("RbUfRgRhUm;UrRsRt", 4 / 6, ["legal", "avoid b"]),  # no `#`: the move into b is executed
+        ("RbRcUhUm;UrRsRt", 5 / 6, ["avoid b"]),
+        ("RbRcUhUm;RnUsRt", 4 / 6, ["avoid b", "avoid n"]),
+        ("UfUkUpRqRrRsRt", 5 / 6, ["stop"]),
+        ("UfRgRhUm", 5 / 6, ["goal"]),
+        ("UfRgRhUm;UrRsUt", 5 / 6, ["legal"]),  # wrong direction letter
+        ("Um;Rt", 5 / 6, ["legal"]),  # teleports
+        ("UfRgRhUm;UrRsRtUz", 4 / 6, ["legal", "goal"]),  # z is off the grid
+        ("LeLdLcLbUgRhUm;UrRsRt", 3 / 6, ["legal", "avoid b", "budget"]),  # wraps around a row edge; 10 moves
+        ("UfRgRhUm;UrUwRxRyDt", 5 / 6, ["budget"]),  # a legal detour of 9 moves
+        ("Uf", 4 / 6, ["stop", "goal"]),
+    ],
+)
+def test_each_constraint_type_is_scored_exactly(plan, expected, broken):
+    outcome = check(META, plan)
+    assert sorted(k for k, ok in outcome.items() if not ok) == sorted(broken)
+    assert planning().score(PROBLEM, plan) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("garbage", ["", "   ", ";", ";;", "hello", "ANSWER 12", "UfRgx", "Uf Rg", "uf", "fU", "U", "U1", "Ua2", "3+5=8", "Rb#", "Rb#;Rn#", "#Uf", "Uf##", "Rb#;#"])
+def test_garbage_scores_zero(garbage):
+    assert check(META, garbage) is None
+    assert planning().score(PROBLEM, garbage) == 0.0
+
+
+def test_held_out_split_is_fixed_and_excluded_from_training():
+    a, b = planning(), planning()
+    assert [p.prompt for p in a.eval_problems()] == [p.prompt for p in b.eval_problems()]
+    held = a.eval_problems()
+    keys = {(p.meta["start"], p.meta["stop"], p.meta["goal"], tuple(p.meta["forbidden"])) for p in held}
+    assert len(held) == 300 and len(keys) == 300
+    assert [sum(len(p.meta["forbidden"]) == k for p in held) for k in (1, 2, 3)] == [100, 100, 100]
+    for p in a.train_problems(random.Random(1), 5000):
+        assert (p.meta["start"], p.meta["stop"], p.meta["goal"], tuple(p.meta["forbidden"])) not in keys
+    other = planning(eval_seed=8)
+    assert [p.prompt for p in other.eval_problems()] != [p.prompt for p in held]
+
+
+def test_hydra_task_group_builds_the_planning_task():
+    cfg = compose(["task=planning"])  # the typed task node only: full validation would import torch
+    task_cfg = OmegaConf.to_object(cfg.task)
+    assert isinstance(task_cfg, TaskConfig) and task_cfg.name == "planning" and task_cfg.digits == [1, 2, 3]
+    TASKS.check(task_cfg.name)
+    task = build_task(task_cfg)
+    assert len(task.eval_problems()) == task_cfg.eval_size
+    assert max(len(task.solution(p)) for p in task.eval_problems()) + 1 <= cfg.rollout.max_completion_length
