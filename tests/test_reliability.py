@@ -227,3 +227,13 @@ def test_fuzzed_overrides_never_end_in_an_unhandled_error():
         except (HydraException, OmegaConfBaseException):
             outcomes["hydra"] += 1
     assert all(outcomes.values()), outcomes  # the fuzzer reached every kind of outcome
+
+
+def test_analyze_writes_the_quadrant_taxonomy(tmp_path, tiny_pair):
+    from tipdistill.analyze import analyze
+
+    table = analyze(_typed(tmp_path, ["prompts_per_step=6"]), tmp_path)
+    assert list(table.index) == ["q1", "q2", "q3", "q4"]
+    assert table["share"].sum() == pytest.approx(1.0) and table["tokens"].sum() > 0
+    assert table["rkl_share"].sum() == pytest.approx(1.0, abs=1e-6)
+    assert (tmp_path / "taxonomy.csv").exists() and "Token taxonomy" in (tmp_path / "taxonomy.md").read_text()
