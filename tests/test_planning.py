@@ -6,12 +6,11 @@ import random
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 import tipdistill
 from conftest import compose
-from omegaconf import OmegaConf
-
-from tipdistill.config import TaskConfig
+from tipdistill.config import ConfigError, TaskConfig
 from tipdistill.tasks import TASKS, Problem, build_task
 from tipdistill.tasks.planning import cell_name, check, greedy_route, parse_cell, render
 
@@ -39,7 +38,7 @@ def planning(**kw) -> object:
 #   f g h i j
 #   a b c d e
 META = {"start": "a", "stop": "m", "goal": "t", "forbidden": ["b", "n"], "budget": 8}
-PROBLEM = Problem(prompt="Q:a>m>t no b,n max 8?A:", answer="Rb#UfRgRhUm;Rn#UrRsRt", meta=META)
+PROBLEM = Problem(prompt="go a,m,t no B,N max 8:", answer=">b#+f>g>h+m;>n#+r>s>t", meta=META)
 
 
 def test_reference_plan_of_a_hand_made_problem():
@@ -60,7 +59,7 @@ def test_every_generated_problem_is_solvable_and_compact():
             assert set(p.prompt) <= charset and set(ref) <= charset
             assert len(ref.replace(";", "")) - 3 * ref.count("#") <= 2 * p.meta["budget"]  # executed moves
             assert len(p.meta["forbidden"]) in (1, 2, 3)
-            assert f"no {','.join(p.meta['forbidden'])} max {p.meta['budget']}?A:" in p.prompt
+            assert p.prompt == f"go {p.meta['start']},{p.meta['stop']},{p.meta['goal']} no {','.join(p.meta['forbidden']).upper()} max {p.meta['budget']}:"
 
 
 def test_forbidden_cells_matter_in_most_problems():
@@ -77,21 +76,21 @@ def test_forbidden_cells_matter_in_most_problems():
 @pytest.mark.parametrize(
     "plan, expected, broken",
     [
-        ("Rb#UfRgRhUm;Rn#UrRsRt", 6 / 6, []),
-        ("UfRgRhUm;UrRsRt", 6 / 6, []),  # tried-and-cancelled moves and the `;` marker are optional
-        ("UfRgRhUmUrRsRt", 6 / 6, []),
-        ("Rb#Rb#UfRgRhUm;Ud#Rn#UrRsRt", 6 / 6, []),  # a cancelled move is never executed, legal or not
-        ("RbUfRgRhUm;UrRsRt", 4 / 6, ["legal", "avoid b"]),  # no `#`: the move into b is executed
-        ("RbRcUhUm;UrRsRt", 5 / 6, ["avoid b"]),
-        ("RbRcUhUm;RnUsRt", 4 / 6, ["avoid b", "avoid n"]),
-        ("UfUkUpRqRrRsRt", 5 / 6, ["stop"]),
-        ("UfRgRhUm", 5 / 6, ["goal"]),
-        ("UfRgRhUm;UrRsUt", 5 / 6, ["legal"]),  # wrong direction letter
-        ("Um;Rt", 5 / 6, ["legal"]),  # teleports
-        ("UfRgRhUm;UrRsRtUz", 4 / 6, ["legal", "goal"]),  # z is off the grid
-        ("LeLdLcLbUgRhUm;UrRsRt", 3 / 6, ["legal", "avoid b", "budget"]),  # wraps around a row edge; 10 moves
-        ("UfRgRhUm;UrUwRxRyDt", 5 / 6, ["budget"]),  # a legal detour of 9 moves
-        ("Uf", 4 / 6, ["stop", "goal"]),
+        (">b#+f>g>h+m;>n#+r>s>t", 6 / 6, []),
+        ("+f>g>h+m;+r>s>t", 6 / 6, []),  # tried-and-cancelled moves and the `;` marker are optional
+        ("+f>g>h+m+r>s>t", 6 / 6, []),
+        (">b#>b#+f>g>h+m;+d#>n#+r>s>t", 6 / 6, []),  # cancelled moves are never executed, legal or not
+        (">b+f>g>h+m;+r>s>t", 4 / 6, ["legal", "avoid b"]),  # no `#`: the move into b is executed
+        (">b>c+h+m;+r>s>t", 5 / 6, ["avoid b"]),
+        (">b>c+h+m;>n+s>t", 4 / 6, ["avoid b", "avoid n"]),
+        ("+f+k+p>q>r>s>t", 5 / 6, ["stop"]),
+        ("+f>g>h+m", 5 / 6, ["goal"]),
+        ("+f>g>h+m;+r>s+t", 5 / 6, ["legal"]),  # `+` (up) from s is y, not t
+        ("+m;>t", 5 / 6, ["legal"]),  # teleports
+        ("+f>g>h+m;+r>s>t+z", 4 / 6, ["legal", "goal"]),  # z is off the grid
+        ("<e<d<c<b+g>h+m;+r>s>t", 3 / 6, ["legal", "avoid b", "budget"]),  # wraps around a row edge; 10 moves
+        ("+f>g>h+m;+r+w>x>y-t", 5 / 6, ["budget"]),  # a legal detour of 9 moves
+        ("+f", 4 / 6, ["stop", "goal"]),
     ],
 )
 def test_each_constraint_type_is_scored_exactly(plan, expected, broken):
@@ -100,7 +99,7 @@ def test_each_constraint_type_is_scored_exactly(plan, expected, broken):
     assert planning().score(PROBLEM, plan) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("garbage", ["", "   ", ";", ";;", "hello", "ANSWER 12", "UfRgx", "Uf Rg", "uf", "fU", "U", "U1", "Ua2", "3+5=8", "Rb#", "Rb#;Rn#", "#Uf", "Uf##", "Rb#;#"])
+@pytest.mark.parametrize("garbage", ["", "   ", ";", ";;", "hello", "ANSWER 12", ">b#", ">b#;>n#", "#+f", "+f##", ">b#;#", "+f>gx", "+f >g", "+F", "f+", "+", "+1", "+a2", "3+5=8", "Uf"])
 def test_garbage_scores_zero(garbage):
     assert check(META, garbage) is None
     assert planning().score(PROBLEM, garbage) == 0.0
@@ -117,6 +116,13 @@ def test_held_out_split_is_fixed_and_excluded_from_training():
         assert (p.meta["start"], p.meta["stop"], p.meta["goal"], tuple(p.meta["forbidden"])) not in keys
     other = planning(eval_seed=8)
     assert [p.prompt for p in other.eval_problems()] != [p.prompt for p in held]
+
+
+def test_problem_size_comes_from_task_digits():
+    task = planning(digits=[5], eval_size=20)
+    assert {len(p.meta["forbidden"]) for p in task.eval_problems() + task.train_problems(random.Random(0), 50)} == {5}
+    with pytest.raises(ConfigError, match="task.digits is the number of forbidden cells"):
+        planning(digits=[11])
 
 
 def test_hydra_task_group_builds_the_planning_task():

@@ -1,23 +1,27 @@
 """[1] Embedded task: route planning on a 5x5 grid with a required stop, forbidden cells and a move budget.
 
-Cells are single letters, row by row from the bottom left (one token each, so "is that cell forbidden?"
-is a one-token lookup the tiny models can learn; with two-character coordinates they never did):
+Cells are single letters, row by row from the bottom left:
 
     u v w x y      row 5
     p q r s t
     k l m n o
     f g h i j
-    a b c d e      row 1 (columns a..e)
+    a b c d e      row 1
 
-Moves: R = +1 column, L = -1 column, U = +1 row, D = -1 row. Prompt and reference plan:
+Moves: `>` = one column right, `<` = left, `+` = one row up, `-` = down. Prompt and reference plan:
 
-    `Q:a>m>t no b,n max 8?A:` -> `Rb#UfRgRhUm;Rn#UrRsRt`
+    `go a,m,t no B,N max 8:` -> `>b#+f>g>h+m;>n#+r>s>t`
 
 read as "go from a to t through m, never enter b or n, in at most 8 moves". Each move writes its
 direction and the cell it reaches, so the state is always on the page; a tried move into a forbidden
 cell is cancelled by `#` (the worked chain of thought: try, check, back off). Most tokens are
 bookkeeping (the next cell, `;` when the stop is reached); the hard ones are `#` (is the cell just
 written forbidden?), the direction after it and the turns: the structure token selection exploits.
+
+Why this spelling: the prompt writes forbidden cells in capitals and moves are symbols, so a capital
+letter means "forbidden" and nothing else: "is the cell I just wrote forbidden?" is then a one-token
+lookup. With two-character coordinates (`c3`), or forbidden cells spelled like route cells, a
+3-layer teacher learned everything but that check (it ignored the forbidden cells).
 
 The reference plan is a greedy walk that, leg by leg (start -> stop, stop -> goal), tries a step
 along the row toward the target's column first and, when that cell is forbidden (or the column is
@@ -31,7 +35,8 @@ Constraints (each satisfied or not; the score is the satisfied fraction, 1.0 = a
   goal    the plan ends on the goal
   avoid   one constraint per forbidden cell: never entered
   budget  at most `max` moves
-A response that does not parse as a non-empty sequence of moves (`;` separators allowed) scores 0.
+A response that does not parse as a `;`-separated sequence of moves with at least one executed move
+scores 0.
 
 `task.digits` is reused as the problem size: the number of forbidden cells (the held-out split is
 spread evenly over it, as arithmetic spreads over operand lengths).
@@ -50,10 +55,10 @@ MAX_SLACK = 2  # budget = shortest length + 0..MAX_SLACK
 MAX_FORBIDDEN = 10  # largest task.digits entry
 ON_ROUTE = 0.8  # chance that one forbidden cell is drawn on the unconstrained route (then it often matters)
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-DIRS = {"U": (0, 1), "D": (0, -1), "L": (-1, 0), "R": (1, 0)}
+DIRS = {">": (1, 0), "<": (-1, 0), "+": (0, 1), "-": (0, -1)}
 
-_MOVE_RE = re.compile(r"([UDLR])([a-z])(#?)")
-_SEGMENT_RE = re.compile(r"(?:[UDLR][a-z]#?)*")
+_MOVE_RE = re.compile(r"([<>+-])([a-z])(#?)")
+_SEGMENT_RE = re.compile(r"(?:[<>+-][a-z]#?)*")
 
 Cell = tuple[int, int]
 
@@ -88,14 +93,14 @@ def greedy_route(start: Cell, stop: Cell, goal: Cell, forbidden) -> list[list[tu
             dx, dy = _sign(target[0] - cur[0]), _sign(target[1] - cur[1])
             if dx:
                 nxt = (cur[0] + dx, cur[1])
-                leg.append(("R" if dx > 0 else "L", nxt, nxt in blocked))
+                leg.append((">" if dx > 0 else "<", nxt, nxt in blocked))
                 if not leg[-1][2]:
                     cur = nxt
                     continue
             nxt = (cur[0], cur[1] + dy)
             if not dy or nxt in blocked:
                 return None
-            leg.append(("U" if dy > 0 else "D", nxt, False))
+            leg.append(("+" if dy > 0 else "-", nxt, False))
             cur = nxt
         legs.append(leg)
     return legs
@@ -173,7 +178,7 @@ class PlanningTask:
             forbidden = sorted(cell_name(c) for c in forbidden)
             meta = {"start": cell_name(start), "stop": cell_name(stop), "goal": cell_name(goal),
                     "forbidden": forbidden, "budget": n + rng.randint(0, MAX_SLACK)}
-            prompt = f"Q:{meta['start']}>{meta['stop']}>{meta['goal']} no {','.join(forbidden)} max {meta['budget']}?A:"
+            prompt = f"go {meta['start']},{meta['stop']},{meta['goal']} no {','.join(forbidden).upper()} max {meta['budget']}:"
             return Problem(prompt=prompt, answer=render(legs), meta=meta)
 
     def _held_out(self, size: int, seed: int) -> list[Problem]:
