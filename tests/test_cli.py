@@ -84,7 +84,8 @@ def test_end_to_end_vllm_run_writes_every_output(tmp_path, tiny_pair):
         assert 0 < m["train/kept_tokens"] < m["train/response_tokens"]
         assert m["train/loss"] == m["train/loss"] and m["train/loss"] >= 0  # finite, non-negative
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("eval/accuracy_start", "eval/accuracy_end", "eval/accuracy_greedy_start", "eval/accuracy_greedy_end", "steps", "wall_s"):
+    for key in ("eval/accuracy_start", "eval/accuracy_end", "eval/accuracy_greedy_start", "eval/accuracy_greedy_end",
+                "eval/score_start", "eval/score_end", "steps", "wall_s"):
         assert key in summary
     assert summary["steps"] == 2
     from transformers import AutoModelForCausalLM

@@ -68,3 +68,14 @@ def test_weight_sync_makes_vllm_match_the_updated_student(setup):
     engine.sync_weights(model)
     after = vllm_logprobs(engine, ids)
     assert torch.allclose(after, updated, atol=1e-4), (after - updated).abs().max()
+
+
+def test_many_long_prompts_do_not_chunk_the_prefill(setup):
+    """More prompt tokens than one scheduler step holds: a chunked prefill would rewind the seeded
+    CPU sampler and crash ("CPU Generator does not use offset"); the engine must queue instead."""
+    engine, _, tok = setup
+    prompt = tok.encode("Q:" + "+".join(["123"] * 24) + "=?A:", add_special_tokens=False)
+    assert len(prompt) > 90
+    prompts = [prompt] * 100  # > 9000 prompt tokens
+    out = engine.generate(prompts, 1, seed=3, temperature=1.0, top_p=1.0, top_k=0, max_tokens=4)
+    assert len(out) == 100 and all(0 < len(r) <= 4 for r in out)

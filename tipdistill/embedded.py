@@ -87,7 +87,8 @@ def greedy_accuracy(model, tokenizer, task: Task, problems, max_new_tokens: int)
     """Greedy held-out accuracy with HF generate (prepare runs before any rollout engine exists)."""
     prompt_ids = [encode_prompt(tokenizer, p.prompt) for p in problems]
     responses = HFEngine(model, tokenizer).generate(prompt_ids, 1, temperature=0.0, top_p=1.0, top_k=0, max_tokens=max_new_tokens, seed=0)
-    return sum(task.score(p, tokenizer.decode(r, skip_special_tokens=True)) for p, r in zip(problems, responses)) / len(problems)
+    # A problem counts only when fully solved (score 1.0); partial credit (planning) is not accuracy.
+    return sum(task.score(p, tokenizer.decode(r, skip_special_tokens=True)) == 1.0 for p, r in zip(problems, responses)) / len(problems)
 
 
 def pretrain(model, tokenizer, task: Task, net: NetConfig, seed: int, max_new_tokens: int, role: str) -> dict:

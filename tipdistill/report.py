@@ -103,6 +103,9 @@ def load_run(run_dir: Path) -> tuple[dict, pd.DataFrame]:
         "acc_end": _num(summary, "eval/accuracy_end"),
         "greedy_start": _num(summary, "eval/accuracy_greedy_start"),
         "greedy_end": _num(summary, "eval/accuracy_greedy_end"),
+        # mean partial credit (planning: share of constraints met); equals accuracy on 0/1 tasks
+        "score_start": _num(summary, "eval/score_start"),
+        "score_end": _num(summary, "eval/score_end"),
         "steps": _num(summary, "steps"),
         "wall_s": _num(summary, "wall_s"),
         "update_peak_gib": _median(metrics, "mem/update_peak_gib"),
@@ -128,6 +131,8 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
         acc_std=("acc_end", "std"),
         greedy_mean=("greedy_end", "mean"),
         acc_start_mean=("acc_start", "mean"),
+        score_mean=("score_end", "mean"),
+        score_start_mean=("score_start", "mean"),
         keep_frac=("keep_frac", "mean"),
         update_peak_gib=("update_peak_gib", "mean"),
         step_s=("step_s", "mean"),
@@ -136,6 +141,7 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
 
     full = out[out["selector"] == "full"].set_index(REF_KEYS)
     pairs = [("acc_diff_vs_full", "acc_mean", "diff"), ("greedy_diff_vs_full", "greedy_mean", "diff"),
+             ("score_diff_vs_full", "score_mean", "diff"),
              ("update_peak_ratio", "update_peak_gib", "ratio"), ("step_ratio", "step_s", "ratio"),
              ("update_ratio", "update_s", "ratio")]
     for new, _, _ in pairs:
@@ -152,7 +158,7 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     out["_full_last"] = out["selector"] != "full"
     out = out.sort_values(REF_KEYS + ["_full_last", "selector", "keep"], ascending=[True] * 5 + [False])
     cols = GROUP_KEYS + ["runs", "seeds", "acc_mean", "acc_std", "acc_diff_vs_full", "greedy_mean", "greedy_diff_vs_full",
-                         "acc_start_mean", "keep_frac", "update_peak_gib", "update_peak_ratio", "step_s", "step_ratio",
+                         "acc_start_mean", "score_mean", "score_diff_vs_full", "score_start_mean", "keep_frac", "update_peak_gib", "update_peak_ratio", "step_s", "step_ratio",
                          "update_s", "update_ratio"]
     return out[cols].reset_index(drop=True)
 

@@ -151,8 +151,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
         if resume_from is None:
             last_eval = run_eval(0)
             sink.log({"step": 0, **last_eval})
-            summary.update({"eval/accuracy_start": last_eval["eval/accuracy"],
-                            "eval/accuracy_greedy_start": last_eval.get("eval/accuracy_greedy", float("nan"))})
+            summary.update({f"{k}_start": v for k, v in last_eval.items()})
         progress = _Progress(cfg.steps, first_step)
         skipped = consecutive_skips = 0
 
@@ -257,9 +256,9 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
                 save_checkpoint(step)
 
         progress.close()
-        summary.update({"eval/accuracy_end": last_eval["eval/accuracy"],
-                        "eval/accuracy_greedy_end": last_eval.get("eval/accuracy_greedy", float("nan")),
-                        "steps": cfg.steps, "wall_s": round(time.time() - t_start, 2)})
+        # every eval metric (accuracy, greedy, pass@k, constraint score) at start and end
+        summary.update({f"{k}_end": v for k, v in last_eval.items()})
+        summary.update({"steps": cfg.steps, "wall_s": round(time.time() - t_start, 2)})
         save_checkpoint(cfg.steps)
         final = run_dir / "checkpoints" / "final"
         student.save_pretrained(final)

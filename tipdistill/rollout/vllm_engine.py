@@ -23,6 +23,11 @@ class VLLMEngine:
         )
         if device == "cuda":
             kwargs.update(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=cfg.vllm_enable_sleep_mode)
+        else:
+            # A chunked prefill makes vLLM rewind the seeded sampler of the cut request
+            # (`Generator.set_offset`), which CPU generators do not have: the step crashes with
+            # "CPU Generator does not use offset". Whole prefills only, with a budget that fits one.
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(8192, max_model_len))
         self.llm = LLM(**kwargs)
         # Rotary layers own no checkpoint weights; vLLM warns "Failed to load weights" for them on every
         # in-place reload, and then (correctly) keeps their tables. Silence that one logger.
