@@ -440,6 +440,21 @@ def test_preset_trains_on_a_math_file(tmp_path, pairs, data):
     assert all(m["train/loss"] == m["train/loss"] and 0 < m["train/kept_tokens"] <= m["train/response_tokens"] for m in lines[1:])
 
 
+def test_memory_knobs_run_end_to_end(tmp_path, pairs, data):
+    """The GPU user's memory knobs all on at once (sleep mode is a no-op without CUDA): the run finishes."""
+    student, teacher = pairs["qwen"]
+    out = cli(["train", "model=qwen25_1p5b_to_0p5b", f"model.student={student}", f"model.teacher={teacher}",
+               "task=math500", f"task.path={data['math500', 'jsonl']}", *RUN, "autocast_bf16=true", "gradient_checkpointing=true",
+               "teacher_offload=true", "rollout.enable_sleep_mode=true", "rollout.max_model_len=512", "optim.schedule=cosine"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run,) = [p.parent for p in (tmp_path / "outputs").rglob("summary.json")]
+    cfg = yaml.safe_load((run / "config_resolved.yaml").read_text())
+    assert cfg["autocast_bf16"] and cfg["gradient_checkpointing"] and cfg["teacher_offload"]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [0, 1, 2]
+    assert all(m["train/loss"] == m["train/loss"] and m["train/loss"] >= 0 for m in lines[1:])
+
+
 def test_multirun_with_paths_in_overrides(tmp_path, pairs, data):
     """Llama-shaped pair, DAPO parquet, a 2-job sweep: one flat directory per job, no path in its name."""
     student, teacher = pairs["llama"]

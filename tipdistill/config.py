@@ -115,16 +115,24 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
-    vllm_kv_cache_gib: float = 1.0  # CPU: VLLM_CPU_KVCACHE_SPACE
-    vllm_gpu_memory_utilization: float = 0.3
-    vllm_max_num_seqs: int = 256
-    vllm_enable_sleep_mode: bool = False
+    # vLLM engine (names as in vLLM's LLM(...)); ignored by rollout=hf
+    max_model_len: Optional[int] = None  # null: the student's context length
+    max_num_seqs: int = 256
+    gpu_memory_utilization: float = 0.3  # CUDA: share of the GPU vLLM may take (weights + KV cache)
+    tensor_parallel_size: int = 1  # CUDA: GPUs the engine shards the student over
+    enable_sleep_mode: bool = False  # CUDA: vLLM sleeps (KV cache freed, weights offloaded) during teacher + update
+    kv_cache_gib: float = 1.0  # CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)
 
     def __post_init__(self) -> None:
         _check(self.max_completion_length > 0, f"rollout.max_completion_length must be > 0, got {self.max_completion_length}")
         _check(self.temperature > 0, f"rollout.temperature must be > 0 for on-policy sampling, got {self.temperature}")
         _check(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= 0, f"rollout.top_k must be >= 0 (0 = off), got {self.top_k}")
+        _check(0 < self.gpu_memory_utilization <= 1, f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        _check(self.tensor_parallel_size >= 1, f"rollout.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        _check(self.max_model_len is None or self.max_model_len > self.max_completion_length,
+               f"rollout.max_model_len={self.max_model_len} must exceed rollout.max_completion_length={self.max_completion_length} "
+               "(prompt + response); fix: raise it or set it to null (the student's context)")
 
 
 @dataclass
@@ -236,6 +244,10 @@ class TrainConfig:
     keep_checkpoints: int = 2  # how many step checkpoints to keep
     resume: Optional[str] = None  # a run directory to continue from its last checkpoint; "true" = this run dir
     max_consecutive_skips: int = 5  # non-finite loss/grad steps in a row before the run stops
+    # [3]-[6] memory knobs for large models (useful on CUDA; they run, slower, on CPU)
+    autocast_bf16: bool = False  # teacher scoring, student forward and LM-head chunks under bf16 autocast
+    gradient_checkpointing: bool = False  # recompute the student's decoder layers in backward
+    teacher_offload: bool = False  # teacher body on CPU except while it scores (two-phase); its LM head stays
 
     def __post_init__(self) -> None:
         _check(0 < self.keep <= 1, f"keep must be in (0, 1], got {self.keep} (e.g. keep=0.2 trains on 20% of response tokens)")

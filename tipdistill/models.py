@@ -76,6 +76,20 @@ def load_model(name: str, dtype: str, device: torch.device, *, trainable: bool, 
     return model
 
 
+def resident_head(model, device: torch.device):
+    """The LM head as a callable that stays on `device` when the body (`model.model`) is moved away.
+
+    Tied embeddings (small Qwen models) share one tensor between the input embedding and the head,
+    so moving the body would take the head with it: those get a copy on `device`."""
+    head = model.get_output_embeddings()
+    embed = model.get_input_embeddings()
+    if embed is None or head.weight.data_ptr() != embed.weight.data_ptr():
+        return head
+    weight = head.weight.detach().to(device).clone()
+    bias = None if getattr(head, "bias", None) is None else head.bias.detach().to(device).clone()
+    return lambda hidden: torch.nn.functional.linear(hidden, weight, bias)
+
+
 def max_context(name: str) -> int:
     cfg = AutoConfig.from_pretrained(name).get_text_config()
     return int(getattr(cfg, "max_position_embeddings", 2048))

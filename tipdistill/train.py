@@ -73,7 +73,12 @@ def build_engine(cfg: TrainConfig, student, tokenizer, student_path: str, device
     if cfg.rollout.engine == "hf":
         return engine_cls(student, tokenizer)
     return engine_cls(student_path, cfg.rollout, dtype=cfg.model.dtype, seed=cfg.seed,
-                      max_model_len=models.max_context(student_path), device=device.type)
+                      max_model_len=cfg.rollout.max_model_len or models.max_context(student_path), device=device.type)
+
+
+def _release_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class TrainingStopped(RuntimeError):
@@ -100,7 +105,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
     eval_problems = task.eval_problems()
     student_path, teacher_path = models.resolve_pair(cfg)
     vocab_width = models.check_pair(student_path, teacher_path, cfg.model.trust_remote_code)
-    context = models.max_context(student_path)
+    context = min(models.max_context(student_path), cfg.rollout.max_model_len or math.inf)
     if cfg.rollout.max_completion_length >= context:
         raise ConfigError(f"rollout.max_completion_length={cfg.rollout.max_completion_length} does not fit the student's context "
                           f"({context} positions); fix: lower it")
@@ -110,7 +115,13 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
     student = models.load_model(str(resume_from or student_path), cfg.model.dtype, device, trainable=True,
                                 trust_remote_code=cfg.model.trust_remote_code)
     teacher = models.load_model(teacher_path, cfg.model.dtype, device, trainable=False, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.gradient_checkpointing:  # non-reentrant: works with the frozen inputs and the chunked loss
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+    if cfg.teacher_offload:  # two-phase: the body visits the device only to score
+        t_head = models.resident_head(teacher, device)
+        teacher.model.to("cpu")
+    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16)  # noqa: E731
     select = SELECTORS.get(cfg.selector.name)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -165,26 +176,32 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
                 # --- [2] rollout: the student samples its own responses
                 with timer("rollout"):
                     responses_B = engine.generate(prompt_ids_P, G, seed=cfg.seed * 1_000_003 + step, **sample)
+                    engine.sleep()  # vLLM sleep mode: its KV cache and weights leave the GPU until the sync
                 rollout = _to_device(make_rollout(prompt_ids_P, responses_B, G, pad_id=pad_id, eos_id=tokenizer.eos_token_id,
                                                   max_tokens=cfg.rollout.max_completion_length), device)
                 mask_B_T = rollout.response_mask_B_T
                 n_response = int(mask_B_T.sum())
 
                 # --- [3] teacher: hidden states on the student's exact token ids, no grad
-                with timer("teacher"), torch.no_grad():
+                with timer("teacher"), torch.no_grad(), amp():
+                    if cfg.teacher_offload:
+                        teacher.model.to(device)
                     teacher_hidden_B_T_H = torch.cat([response_hidden(teacher, rollout, rows) for rows in micro])
+                    if cfg.teacher_offload:
+                        teacher.model.to("cpu")
+                        _release_cached_memory(device)
 
                 probe = UpdateMemoryProbe(device)
                 with probe:
                     # --- [4a] student forward; per-token stats without grad, chunk by chunk
-                    with timer("update"):
+                    with timer("update"), amp():
                         if len(micro) == 1:  # one micro-batch: the grad forward also feeds the stats
                             student_hidden = [response_hidden(student, rollout, micro[0])]
                             stats_hidden_B_T_H = student_hidden[0].detach()
                         else:  # several: stats need the whole batch first, so a no-grad pass
                             with torch.no_grad():
                                 stats_hidden_B_T_H = torch.cat([response_hidden(student, rollout, rows) for rows in micro])
-                    with timer("select"):
+                    with timer("select"), amp():
                         stats = token_stats(stats_hidden_B_T_H, teacher_hidden_B_T_H, mask_B_T, s_head, t_head,
                                             cfg.scoring.chunk_size, vocab_width)
                         del stats_hidden_B_T_H
@@ -197,9 +214,10 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
                     with timer("update"):
                         loss_total = 0.0
                         for rows in micro:
-                            hidden = student_hidden[0] if len(micro) == 1 else response_hidden(student, rollout, rows)
-                            loss_sum, _ = kept_token_loss(hidden, teacher_hidden_B_T_H[rows], keep_mask_B_T[rows], s_head, t_head,
-                                                          cfg.loss.name, cfg.loss.beta, cfg.loss.chunk_size, vocab_width)
+                            with amp():
+                                hidden = student_hidden[0] if len(micro) == 1 else response_hidden(student, rollout, rows)
+                                loss_sum, _ = kept_token_loss(hidden, teacher_hidden_B_T_H[rows], keep_mask_B_T[rows], s_head, t_head,
+                                                              cfg.loss.name, cfg.loss.beta, cfg.loss.chunk_size, vocab_width)
                             loss = loss_sum / max(1, n_kept)  # TIP Eq. 9: divide by kept, not by all tokens
                             loss.backward()
                             loss_total += float(loss.detach())
@@ -215,6 +233,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
 
                 # --- weight sync: the next rollout must come from the updated student
                 with timer("weight_sync"):
+                    engine.wake()
                     engine.sync_weights(student)
 
             # --- numerical faults: skip the step, stop after too many in a row

@@ -28,6 +28,12 @@ class RolloutEngine(Protocol):
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Load the trainer's current weights so the next rollout is on-policy."""
 
+    def sleep(self) -> None:
+        """Between a rollout and the next sync: give the engine's accelerator memory to the update (may no-op)."""
+
+    def wake(self) -> None:
+        """Undo `sleep` before the weight sync."""
+
     def close(self) -> None: ...
 
 

@@ -48,5 +48,11 @@ class HFEngine:
     def sync_weights(self, model) -> None:
         assert model is self.model, "HFEngine samples from the trainer's module; nothing to sync"
 
+    def sleep(self) -> None:  # the trainer's own module: nothing separate to free
+        pass
+
+    def wake(self) -> None:
+        pass
+
     def close(self) -> None:
         pass

@@ -13,16 +13,17 @@ import os
 class VLLMEngine:
     def __init__(self, model_dir: str, cfg, *, dtype: str, seed: int, max_model_len: int, device: str):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(cfg.vllm_kv_cache_gib)))))
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(cfg.kv_cache_gib)))))
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
         kwargs = dict(
             model=str(model_dir), dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
-            max_num_seqs=cfg.vllm_max_num_seqs, seed=seed,
+            max_num_seqs=cfg.max_num_seqs, seed=seed,
         )
         if device == "cuda":
-            kwargs.update(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=cfg.vllm_enable_sleep_mode)
+            kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.enable_sleep_mode,
+                          tensor_parallel_size=cfg.tensor_parallel_size)
         else:
             # A chunked prefill makes vLLM rewind the seeded sampler of the cut request
             # (`Generator.set_offset`), which CPU generators do not have: the step crashes with
@@ -34,7 +35,9 @@ class VLLMEngine:
         import logging
 
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
-        self.sleep_mode = device == "cuda" and cfg.vllm_enable_sleep_mode
+        # Sleep mode needs CUDA's memory pool; on CPU sleep()/wake() are no-ops.
+        self.sleep_mode = device == "cuda" and cfg.enable_sleep_mode
+        self.asleep = False
 
     def generate(self, prompt_ids_P, n, *, temperature, top_p, top_k, max_tokens, seed):
         from vllm import SamplingParams
@@ -55,12 +58,16 @@ class VLLMEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items())})
 
     def sleep(self) -> None:
-        if self.sleep_mode:
+        """After a rollout: level 1 frees the KV cache and moves vLLM's weights to CPU memory, so the
+        teacher pass and the update get that GPU memory. The weights are synced on wake anyway."""
+        if self.sleep_mode and not self.asleep:
             self.llm.sleep(level=1)
+            self.asleep = True
 
     def wake(self) -> None:
-        if self.sleep_mode:
+        if self.asleep:
             self.llm.wake_up()
+            self.asleep = False
 
     def close(self) -> None:
         del self.llm
