@@ -350,20 +350,18 @@ def test_seeded_split_is_fixed_nested_and_disjoint(data):
 
 
 def test_separate_eval_source_when_the_config_has_one(data):
-    """Train on DAPO, evaluate on MATH-500: works as soon as TaskConfig grows eval_path/eval_name."""
-    from types import SimpleNamespace
-
-    from tipdistill.config import ConfigError
+    """Train on DAPO, evaluate on MATH-500 (the paper's setup)."""
+    from tipdistill.config import ConfigError, TaskConfig
     from tipdistill.tasks.math import MathTask
 
     cfg = dict(name="dapo_math", path=data["dapo_math", "parquet"], eval_size=3, eval_seed=7,
                eval_path=data["math500", "jsonl"], eval_name="math500")
-    t = MathTask(SimpleNamespace(**cfg))
+    t = MathTask(TaskConfig(**cfg))
     assert len(t.eval_problems()) == 3 and all(p.meta["source"] == cfg["eval_path"] for p in t.eval_problems())
     held = {p.meta["problem"] for p in t.eval_problems()}
     assert len(t._train) == 5 and not held & {p.meta["problem"] for p in t._train}  # decontaminated by problem text
     with pytest.raises(ConfigError, match="none of the 8 problems .* is left to train on: 8 are held out"):
-        MathTask(SimpleNamespace(**{**cfg, "eval_size": 30}))
+        MathTask(TaskConfig(**{**cfg, "eval_size": 30}))
 
 
 @pytest.mark.parametrize("content, message", [
@@ -441,10 +439,12 @@ def test_preset_trains_on_a_math_file(tmp_path, pairs, data):
 
 
 def test_memory_knobs_run_end_to_end(tmp_path, pairs, data):
-    """The GPU user's memory knobs all on at once (sleep mode is a no-op without CUDA): the run finishes."""
+    """The GPU user's memory knobs all on at once, rollouts through vLLM (its sleep mode is a no-op
+    without CUDA) on the Qwen2-shaped stand-in: the run finishes with finite losses."""
     student, teacher = pairs["qwen"]
+    run = [a for a in RUN if a != "rollout=hf"] + ["rollout=vllm", "rollout.max_num_seqs=16"]
     out = cli(["train", "model=qwen25_1p5b_to_0p5b", f"model.student={student}", f"model.teacher={teacher}",
-               "task=math500", f"task.path={data['math500', 'jsonl']}", *RUN, "autocast_bf16=true", "gradient_checkpointing=true",
+               "task=math500", f"task.path={data['math500', 'jsonl']}", *run, "autocast_bf16=true", "gradient_checkpointing=true",
                "teacher_offload=true", "rollout.enable_sleep_mode=true", "rollout.max_model_len=512", "optim.schedule=cosine"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     (run,) = [p.parent for p in (tmp_path / "outputs").rglob("summary.json")]
@@ -500,6 +500,7 @@ def test_experiments_compose_into_paper_sweeps():
             del cfg["hydra"]
         typed = validate(cfg)
         assert typed.model.name != "embedded" and typed.task.name == "dapo_math" and typed.rollouts_per_prompt == 16
+        assert (typed.task.eval_path, typed.task.eval_name) == ("HuggingFaceH4/MATH-500", "math500")  # the paper's eval set
         assert typed.optim.lr == 1e-6 and typed.eval.samples == 16 and typed.rollout.max_completion_length == 8192
     assert sweeps["table_entropy_keep"] == {"keep": ["1.0", "0.5", "0.2"], "seed": ["0", "1", "2"]}
     assert sweeps["table_q3"]["keep"] == ["0.2", "0.1"]

@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -132,6 +132,7 @@ def pretrain(model, tokenizer, task: Task, net: NetConfig, seed: int, max_new_to
 def cache_key(emb: EmbeddedConfig, task_cfg: TaskConfig, max_new_tokens: int) -> str:
     blob = json.dumps(
         {"v": FORMAT_VERSION, "emb": {k: v for k, v in asdict(emb).items() if k != "cache_dir"},
+         **({"wide": "padded-from-narrow"} if emb.vocab_pad_to else {}),
          "task": asdict(task_cfg), "max_new_tokens": max_new_tokens, "charset": CHARSET},
         sort_keys=True,
     )
@@ -142,6 +143,41 @@ def pair_dir(emb: EmbeddedConfig, task_cfg: TaskConfig, max_new_tokens: int) -> 
     return Path(emb.cache_dir).expanduser() / f"embedded-{task_cfg.name}-{cache_key(emb, task_cfg, max_new_tokens)}"
 
 
+def widen(model: LlamaForCausalLM, width: int, calibration: dict[str, torch.Tensor], margin: float = 25.0) -> LlamaForCausalLM:
+    """The same model with its (tied) embedding / LM head padded to `width` ids, behaviour kept.
+
+    The extra rows all point along -u, where u is the least-squares solution of h . u = 1 over the
+    final hidden states h of the calibration positions (prompts + reference solutions), scaled so that
+    at every calibration position their logit sits at least `margin` nats below the best real id. The
+    extra ids then carry ~0 probability (`extra_id_mass` measures it on held-out data), like the
+    unused padded rows of real vocabularies, while every logits tensor becomes `width` wide."""
+    n = model.config.vocab_size
+    hidden_P_H = _final_hidden(model, calibration)
+    u_H = torch.linalg.lstsq(hidden_P_H, torch.ones(hidden_P_H.shape[0], 1)).solution[:, 0]
+    along_P = hidden_P_H @ u_H
+    if float(along_P.min()) <= 0:
+        raise RuntimeError("widen: no direction is positive on every calibration hidden state; cannot pad the head safely")
+    best_P = (hidden_P_H @ model.get_output_embeddings().weight.T).max(-1).values
+    alpha = float(((margin - best_P) / along_P).clamp(min=0).max())
+    model.resize_token_embeddings(width, mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[n:] = -alpha * u_H
+    return model
+
+
+@torch.no_grad()
+def _final_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return out.last_hidden_state[batch["attention_mask"].bool()]
+
+
+@torch.no_grad()
+def extra_id_mass(model, n_real: int, batch: dict[str, torch.Tensor]) -> float:
+    """Largest probability any position gives to the padded ids (should be ~0)."""
+    logits = model.get_output_embeddings()(_final_hidden(model, batch)).float()
+    return float(logits.softmax(-1)[:, n_real:].sum(-1).max())
+
+
 def prepare(emb: EmbeddedConfig, task_cfg: TaskConfig, max_new_tokens: int) -> Path:
     """Build, pre-train and cache the pair (idempotent). Returns the directory holding teacher/ and student/."""
     out = pair_dir(emb, task_cfg, max_new_tokens)
@@ -150,24 +186,46 @@ def prepare(emb: EmbeddedConfig, task_cfg: TaskConfig, max_new_tokens: int) -> P
     torch.set_num_threads(max(1, torch.get_num_threads()))
     task = build_task(task_cfg)
     tokenizer = build_tokenizer()
-    max_len = 256 + max_new_tokens
     report = {"cache_key": out.name, "embedded": asdict(emb), "task": asdict(task_cfg)}
-    for role, net, seed in (("teacher", emb.teacher, emb.seed), ("student", emb.student, emb.seed + 1)):
-        log.info("prepare: training the %s (%s)", role, net)
-        torch.manual_seed(seed)
-        model = build_model(net, tokenizer, emb.vocab_pad_to, max_len)
-        report[role] = pretrain(model, tokenizer, task, net, seed, max_new_tokens, role)
-        report[role]["params"] = sum(p.numel() for p in model.parameters())
-        log.info("prepare: %s done %s", role, report[role])
-        tmp = out.parent / f".{out.name}.{role}.tmp"
-        model.save_pretrained(tmp / role)
-        tokenizer.save_pretrained(tmp / role)
-        (out).mkdir(parents=True, exist_ok=True)
-        if (out / role).exists():
-            import shutil
-
-            shutil.rmtree(out / role)
-        (tmp / role).rename(out / role)
-        tmp.rmdir()
+    if emb.vocab_pad_to > len(tokenizer):
+        # A wide pair is the narrow pair padded: pre-training at a 32k-wide head would take an hour on
+        # 2 cores and teach nothing new; the padded ids are never produced, as in real vocabularies.
+        narrow = prepare(replace(emb, vocab_pad_to=0), task_cfg, max_new_tokens)
+        base = json.loads((narrow / "prepare.json").read_text())
+        calibration = supervised_batch(tokenizer, task, task.train_problems(random.Random(emb.seed), 256), "cpu")
+        held = supervised_batch(tokenizer, task, task.eval_problems(), "cpu")
+        for role in ("teacher", "student"):
+            model = widen(LlamaForCausalLM.from_pretrained(narrow / role), emb.vocab_pad_to, calibration)
+            report[role] = {**base[role], "params": sum(p.numel() for p in model.parameters()),
+                            "widened_from": narrow.name, "vocab_width": emb.vocab_pad_to,
+                            "extra_id_mass_max_held_out": extra_id_mass(model, len(tokenizer), held),
+                            "held_out": evaluate(HFEngine(model, tokenizer), task, tokenizer, task.eval_problems(), samples=2,
+                                                 greedy=True, max_tokens=max_new_tokens, seed=emb.seed + (role == "student"))}
+            log.info("prepare: widened %s to %d ids: %s", role, emb.vocab_pad_to, report[role])
+            _save(model, tokenizer, out, role)
+    else:
+        max_len = 256 + max_new_tokens
+        for role, net, seed in (("teacher", emb.teacher, emb.seed), ("student", emb.student, emb.seed + 1)):
+            log.info("prepare: training the %s (%s)", role, net)
+            torch.manual_seed(seed)
+            model = build_model(net, tokenizer, emb.vocab_pad_to, max_len)
+            report[role] = pretrain(model, tokenizer, task, net, seed, max_new_tokens, role)
+            report[role]["params"] = sum(p.numel() for p in model.parameters())
+            log.info("prepare: %s done %s", role, report[role])
+            _save(model, tokenizer, out, role)
     (out / "prepare.json").write_text(json.dumps(report, indent=2))  # written last: marks the pair complete
     return out
+
+
+def _save(model, tokenizer, out: Path, role: str) -> None:
+    """Write to a temp dir, then rename: a killed prepare never leaves a half-written model."""
+    import shutil
+
+    tmp = out.parent / f".{out.name}.{role}.tmp"
+    model.save_pretrained(tmp / role)
+    tokenizer.save_pretrained(tmp / role)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / role).exists():
+        shutil.rmtree(out / role)
+    (tmp / role).rename(out / role)
+    tmp.rmdir()

@@ -17,9 +17,9 @@ Train/eval split:
 - a hub data set with separate train and test splits (GSM8K): train on `train`, evaluate on a
   seeded `eval_size` sample of `test`.
 - training never sees a held-out problem (rows are also matched by problem text).
-- DAPO-Math-17k is a training set; its held-out slice is only a sanity check. Evaluating on
-  MATH-500/AIME while training on DAPO needs a separate eval source (`task.eval_path`, proposed);
-  when the config has `eval_path` (and optionally `eval_name`), it is used here already.
+- a separate held-out source (`task.eval_path`, read with the schema `task.eval_name`): the paper's
+  setup, training on DAPO-Math-17k and evaluating on MATH-500 or AIME; training drops any
+  problem whose text is in the held-out set.
 """
 
 from __future__ import annotations
@@ -268,10 +268,7 @@ class MathTask:
             raise ConfigError(f"no math schema for task '{cfg.name}'; valid: {', '.join(sorted(SCHEMAS))}")
         self.schema = SCHEMAS[cfg.name]
         path = cfg.path or self.schema.hub_name
-        # Optional knobs the lead may add to TaskConfig; read defensively so this works before and after.
-        split = getattr(cfg, "split", None)
-        eval_path = getattr(cfg, "eval_path", None)
-        eval_name = getattr(cfg, "eval_name", None) or cfg.name
+        split, eval_path, eval_name = cfg.split, cfg.eval_path, cfg.eval_name or cfg.name
         is_hub = not _looks_local(path)
         pool = self._load(path, cfg.name, split or self.schema.hub_split)
         rng = random.Random(cfg.eval_seed)
