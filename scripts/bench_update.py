@@ -96,7 +96,7 @@ def parse_config(name: str) -> tuple[str, float]:
     return sel, float(keep)
 
 
-# --- import guard for machines without Hydra ------------------------------------------------------------
+# --- dev aid: rehearse the GPU machine's bare environment --------------------------------------------
 
 
 def block_imports(names: list[str]) -> None:
@@ -110,39 +110,6 @@ def block_imports(names: list[str]) -> None:
             return None
 
     sys.meta_path.insert(0, _Block())
-
-
-def ensure_config_imports() -> str | None:
-    """tipdistill.losses/selectors/scoring -> tipdistill.registry (`from tipdistill.config import ConfigError`)
-    -> tipdistill.config, whose module top does `from hydra.core.config_store import ConfigStore` and
-    `from omegaconf import DictConfig, OmegaConf`. Where Hydra/omegaconf are missing (the GPU machine),
-    register placeholder modules with just those three names: the benchmark never calls into them
-    (it only uses the SelectorConfig dataclass). Returns a note when the shim was used."""
-    try:
-        import hydra.core.config_store  # noqa: F401
-        import omegaconf  # noqa: F401
-
-        return None
-    except ImportError:
-        pass
-    import types
-
-    def _placeholder(name: str):
-        def _fail(*args, **kwargs):
-            raise RuntimeError(f"{name} is a bench_update.py import shim (Hydra/omegaconf not installed)")
-
-        return type(name, (), {"__init__": _fail, "instance": staticmethod(_fail)})
-
-    hydra = types.ModuleType("hydra")
-    core = types.ModuleType("hydra.core")
-    store = types.ModuleType("hydra.core.config_store")
-    store.ConfigStore = _placeholder("ConfigStore")
-    hydra.core, core.config_store = core, store
-    omegaconf = types.ModuleType("omegaconf")
-    omegaconf.DictConfig = _placeholder("DictConfig")
-    omegaconf.OmegaConf = _placeholder("OmegaConf")
-    sys.modules.update({"hydra": hydra, "hydra.core": core, "hydra.core.config_store": store, "omegaconf": omegaconf})
-    return "hydra/omegaconf missing: shimmed (tipdistill/registry.py imports tipdistill.config, which imports hydra at module top)"
 
 
 # --- child: one configuration -------------------------------------------------------------------------------
@@ -268,33 +235,16 @@ def make_batch(p: dict, device):
     )
 
 
-def get_response_hidden():
-    try:
-        from tipdistill.train import response_hidden
-
-        return response_hidden, "tipdistill.train.response_hidden"
-    except ImportError as exc:  # keep benchmarking; say so loudly
-        print(f"WARNING: tipdistill.train not importable ({exc}); using a verbatim copy of response_hidden", file=sys.stderr)
-
-        def response_hidden(model, rollout, rows):
-            Lp, T = rollout.prompt_len, rollout.response_mask_B_T.shape[1]
-            out = model.model(input_ids=rollout.input_ids_B_L[rows], attention_mask=rollout.attention_mask_B_L[rows],
-                              position_ids=rollout.position_ids_B_L[rows])
-            return out.last_hidden_state[:, Lp - 1 : Lp - 1 + T]
-
-        return response_hidden, "copy (tipdistill.train import failed)"
-
-
 def run_one(args) -> dict:
     import torch
 
-    shim_note = ensure_config_imports()
+    # tipdistill's numerical modules import without Hydra/omegaconf/wandb/vLLM (a bare GPU box)
     from tipdistill.config import SelectorConfig
     from tipdistill.losses import DIVERGENCES, kept_token_loss
     from tipdistill.scoring import token_stats
     from tipdistill.selectors import SELECTORS
+    from tipdistill.train import response_hidden
 
-    response_hidden, rh_source = get_response_hidden()
     p = json.loads(args.params)
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[p["dtype"]]
@@ -422,7 +372,6 @@ def run_one(args) -> dict:
         "step_peak_not_above_setup": (setup_maxrss is not None and peak <= setup_maxrss),
         "times_s": times, "median_s": statistics.median(times), "setup_s": setup_s,
         "phase_peak_bytes": meter.peak, "phase_time_s": meter.time,
-        "response_hidden": rh_source, "shim": shim_note,
         "student_params": sum(x.numel() for x in student.parameters()),
         "teacher_params": sum(x.numel() for x in teacher.parameters()),
         **info,
@@ -514,8 +463,6 @@ def run_all(args, p: dict) -> int:
         results[cfg] = r
         print(f"[{cfg}] peak {r['peak_bytes'] / GIB:.2f} GiB, median step {r['median_s']:.3f} s "
               f"(steps {', '.join(f'{x:.2f}' for x in r['times_s'])}), kept {r['kept']}, child {r['wall_s']:.0f} s", flush=True)
-        for w in ([r["shim"]] if r.get("shim") else []) + ([f"response_hidden: {r['response_hidden']}"] if "copy" in r["response_hidden"] else []):
-            print(f"    note: {w}", flush=True)
     total_s = time.perf_counter() - t_all
     md = report(results, p, args, total_s)
     print(md)
