@@ -48,7 +48,7 @@ def test_saved_embedded_tokenizer_round_trips_through_autotokenizer(tmp_path):
     from tipdistill.embedded import build_model, build_tokenizer
 
     tok = build_tokenizer()
-    build_model(NetConfig(layers=1, hidden=32, heads=1, kv_heads=1, intermediate=64), tok, 0, 64).save_pretrained(tmp_path)
+    build_model(NetConfig(layers=1, hidden=32, heads=1, kv_heads=1, intermediate=64), tok, 64).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     text = "3+5=8;4+7=11;ANSWER 118"

@@ -18,7 +18,7 @@ def setup(tmp_path_factory):
     path = tmp_path_factory.mktemp("vllm_model")
     tok = build_tokenizer()
     torch.manual_seed(0)
-    model = build_model(NetConfig(layers=1, hidden=32, intermediate=64, heads=1, kv_heads=1), tok, 0, 128)
+    model = build_model(NetConfig(layers=1, hidden=32, intermediate=64, heads=1, kv_heads=1), tok, 128)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     engine = VLLMEngine(str(path), RolloutConfig(), dtype="float32", seed=0, max_model_len=128, device="cpu")

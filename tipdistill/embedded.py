@@ -45,13 +45,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_model(net: NetConfig, tokenizer: PreTrainedTokenizerFast, vocab_pad_to: int, max_len: int) -> LlamaForCausalLM:
-    """A small Llama-architecture model from a config; `vocab_pad_to` widens the LM head with ids the
-    tokenizer never emits. (Llama, not Qwen2: transformers 5 reloads any qwen2 checkpoint's tokenizer as
-    the byte-level Qwen2Tokenizer, which would drop the character tokenizer's spaces.)"""
-    vocab_size = max(len(tokenizer), vocab_pad_to)
+def build_model(net: NetConfig, tokenizer: PreTrainedTokenizerFast, max_len: int) -> LlamaForCausalLM:
+    """A small Llama-architecture model from a config, one LM-head row per token (`widen` pads it).
+    (Llama, not Qwen2: transformers 5 reloads any qwen2 checkpoint's tokenizer as the byte-level
+    Qwen2Tokenizer, which would drop the character tokenizer's spaces.)"""
     config = LlamaConfig(
-        vocab_size=vocab_size,
+        vocab_size=len(tokenizer),
         hidden_size=net.hidden,
         intermediate_size=net.intermediate,
         num_hidden_layers=net.layers,
@@ -208,7 +207,7 @@ def prepare(emb: EmbeddedConfig, task_cfg: TaskConfig, max_new_tokens: int) -> P
         for role, net, seed in (("teacher", emb.teacher, emb.seed), ("student", emb.student, emb.seed + 1)):
             log.info("prepare: training the %s (%s)", role, net)
             torch.manual_seed(seed)
-            model = build_model(net, tokenizer, emb.vocab_pad_to, max_len)
+            model = build_model(net, tokenizer, max_len)
             report[role] = pretrain(model, tokenizer, task, net, seed, max_new_tokens, role)
             report[role]["params"] = sum(p.numel() for p in model.parameters())
             log.info("prepare: %s done %s", role, report[role])

@@ -6,6 +6,7 @@ seconds, not a model load or a rollout.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -88,6 +89,22 @@ def resident_head(model, device: torch.device):
     weight = head.weight.detach().to(device).clone()
     bias = None if getattr(head, "bias", None) is None else head.bias.detach().to(device).clone()
     return lambda hidden: torch.nn.functional.linear(hidden, weight, bias)
+
+
+@contextmanager
+def visiting(module: torch.nn.Module, device: torch.device, enabled: bool):
+    """Two-phase placement (`teacher_offload`): the module lives on CPU and is on `device` only inside
+    the block; the allocator's cache is released after it leaves."""
+    if not enabled:
+        yield
+        return
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def max_context(name: str) -> int:

@@ -73,12 +73,12 @@ def build_engine(cfg: TrainConfig, student, tokenizer, student_path: str, device
     if cfg.rollout.engine == "hf":
         return engine_cls(student, tokenizer)
     return engine_cls(student_path, cfg.rollout, dtype=cfg.model.dtype, seed=cfg.seed,
-                      max_model_len=cfg.rollout.max_model_len or models.max_context(student_path), device=device.type)
+                      max_model_len=rollout_context(cfg, student_path), device=device.type)
 
 
-def _release_cached_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+def rollout_context(cfg: TrainConfig, student_path: str) -> int:
+    """Positions a rollout may use: the student's context, or less with rollout.max_model_len."""
+    return min(models.max_context(student_path), cfg.rollout.max_model_len or math.inf)
 
 
 class TrainingStopped(RuntimeError):
@@ -105,7 +105,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
     eval_problems = task.eval_problems()
     student_path, teacher_path = models.resolve_pair(cfg)
     vocab_width = models.check_pair(student_path, teacher_path, cfg.model.trust_remote_code)
-    context = min(models.max_context(student_path), cfg.rollout.max_model_len or math.inf)
+    context = rollout_context(cfg, student_path)
     if cfg.rollout.max_completion_length >= context:
         raise ConfigError(f"rollout.max_completion_length={cfg.rollout.max_completion_length} does not fit the student's context "
                           f"({context} positions); fix: lower it")
@@ -183,13 +183,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
                 n_response = int(mask_B_T.sum())
 
                 # --- [3] teacher: hidden states on the student's exact token ids, no grad
-                with timer("teacher"), torch.no_grad(), amp():
-                    if cfg.teacher_offload:
-                        teacher.model.to(device)
+                with timer("teacher"), torch.no_grad(), amp(), models.visiting(teacher.model, device, cfg.teacher_offload):
                     teacher_hidden_B_T_H = torch.cat([response_hidden(teacher, rollout, rows) for rows in micro])
-                    if cfg.teacher_offload:
-                        teacher.model.to("cpu")
-                        _release_cached_memory(device)
 
                 probe = UpdateMemoryProbe(device)
                 with probe:
