@@ -23,11 +23,12 @@ RUNS = [
 ]
 
 
-def make_run(root: Path, selector, keep, seed, acc, greedy, mem, step_s, update_s, keep_frac, with_mem=True) -> Path:
-    d = root / f"{selector}_k{keep}_s{seed}"
+def make_run(root: Path, selector, keep, seed, acc, greedy, mem, step_s, update_s, keep_frac, with_mem=True, cuda=False,
+             task="arithmetic", name=None) -> Path:
+    d = root / (name or f"{selector}_k{keep}_s{seed}")
     d.mkdir(parents=True)
     cfg = {"selector": {"name": selector}, "keep": keep, "seed": seed, "loss": {"name": "reverse_kl"},
-           "task": {"name": "arithmetic"}, "model": {"name": "embedded"}}
+           "task": {"name": task}, "model": {"name": "embedded"}}
     (d / "config_resolved.yaml").write_text(yaml.safe_dump(cfg))
     with open(d / "metrics.jsonl", "w") as f:
         for i in range(3):
@@ -35,6 +36,8 @@ def make_run(root: Path, selector, keep, seed, acc, greedy, mem, step_s, update_
                    "time/step_s": step_s[i], "time/update_s": update_s[i]}
             if with_mem:
                 row["mem/update_peak_gib"] = mem[i]
+                if cuda:  # the CUDA probe also logs the allocator's reserved peak
+                    row["mem/update_peak_reserved_gib"] = mem[i] * 1.5
             if i in (0, 2):
                 row["eval/accuracy"] = acc * (0.5 if i == 0 else 1.0)
             f.write(json.dumps(row) + "\n")
@@ -110,7 +113,7 @@ def test_plots_are_real_pngs(sweep: Path, tmp_path: Path):
 
     out = tmp_path / "out"
     build_report([sweep], out)
-    for name in ("accuracy_vs_keep.png", "memory_vs_keep.png", "accuracy_over_steps.png"):
+    for name in ("accuracy_vs_keep.png", "memory_vs_keep.png", "accuracy_over_steps.png", "accuracy_vs_update_time.png"):
         path = out / name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         img = mpimg.imread(path)
@@ -141,3 +144,76 @@ def test_no_runs_is_one_clear_line(tmp_path: Path, capsys):
     assert main_report([str(tmp_path / "empty")]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no runs found" in err
+
+
+# ---------------------------------------------------------------- intervals, paired differences, curves (issue 16)
+
+T975 = {2: 4.3027, 3: 3.1824}  # Student-t table, two-sided 95%
+
+
+def three_seed_sweep(root: Path) -> Path:
+    """full on seeds 0-2, type_aware 0.2 on seeds 0-3 (seed 3 has no `full` partner)."""
+    ones = [1.0] * 3
+    for seed, acc in enumerate([0.60, 0.70, 0.80]):
+        make_run(root, "full", 1.0, seed, acc, acc, [2.0] * 3, ones, ones, 1.0)
+    for seed, acc in enumerate([0.55, 0.70, 0.70, 0.65]):
+        make_run(root, "type_aware", 0.2, seed, acc, acc, [1.0] * 3, ones, [0.25] * 3, 0.2)
+    return root
+
+
+def test_intervals_and_paired_difference_by_hand(tmp_path: Path):
+    df = build_report([three_seed_sweep(tmp_path / "runs")], tmp_path / "out")
+    full, ta = row(df, "full", 1.0), row(df, "type_aware", 0.2)
+    half = T975[2] * 0.1 / math.sqrt(3)  # full: mean 0.7, s 0.1, n 3
+    assert (full["acc_mean"], full["acc_lo"], full["acc_hi"]) == (pytest.approx(0.7), pytest.approx(0.7 - half, abs=1e-4),
+                                                                  pytest.approx(0.7 + half, abs=1e-4))
+    half = T975[3] * math.sqrt(0.005) / 2  # type_aware: mean 0.65, s^2 = 0.015 / 3, n 4
+    assert ta["runs"] == 4 and ta["acc_mean"] == pytest.approx(0.65)
+    assert (ta["acc_lo"], ta["acc_hi"]) == (pytest.approx(0.65 - half, abs=1e-4), pytest.approx(0.65 + half, abs=1e-4))
+    # paired on seeds 0-2 only: differences -0.05, 0, -0.10
+    half = T975[2] * 0.05 / math.sqrt(3)
+    assert ta["pairs"] == 3 and ta["acc_vs_full"] == pytest.approx(-0.05)
+    assert (ta["acc_vs_full_lo"], ta["acc_vs_full_hi"]) == (pytest.approx(-0.05 - half, abs=1e-4), pytest.approx(-0.05 + half, abs=1e-4))
+    assert ta["greedy_vs_full"] == pytest.approx(-0.05)
+    assert ta["update_s"] == pytest.approx(0.25) and ta["update_s_lo"] == pytest.approx(0.25)  # no spread
+    assert ta["update_ratio"] == pytest.approx(0.25)
+
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "95% Student-t" in md  # the output says which interval
+    assert "| full | 1 | 0,1,2 | 0.700 [0.452, 0.948] |" in md
+    assert "| type_aware | 0.2 | 0,1,2,3 | 0.650 [0.537, 0.763] | -0.050 [-0.174, 0.074] | 3 |" in md
+
+
+def test_learning_curves_are_seed_means_with_intervals(tmp_path: Path):
+    build_report([three_seed_sweep(tmp_path / "runs")], tmp_path / "out")
+    curves = pd.read_csv(tmp_path / "out" / "curves.csv")
+    full = curves[(curves["selector"] == "full") & (curves["metric"] == "accuracy")].set_index("step")
+    assert list(full.index) == [1, 3]  # every eval step
+    half = T975[2] * 0.05 / math.sqrt(3)  # step 1: 0.30, 0.35, 0.40
+    assert full.loc[1, "n"] == 3 and full.loc[1, "mean"] == pytest.approx(0.35)
+    assert full.loc[1, "lo"] == pytest.approx(0.35 - half, abs=1e-4) and full.loc[1, "hi"] == pytest.approx(0.35 + half, abs=1e-4)
+    assert full.loc[3, "mean"] == pytest.approx(0.7)
+    ta = curves[(curves["selector"] == "type_aware") & (curves["metric"] == "accuracy")].set_index("step")
+    assert ta.loc[3, "n"] == 4 and ta.loc[3, "mean"] == pytest.approx(0.65)
+
+
+def test_memory_below_resolution_is_marked_not_a_ratio(tmp_path: Path, capsys):
+    ones = [1.0] * 3
+    for seed in (0, 1):  # RSS peaks of a few tens of MB: 0.03 vs 0.062 GiB would read as "2.07x"
+        make_run(tmp_path / "rss", "full", 1.0, seed, 0.5, 0.5, [0.03] * 3, ones, ones, 1.0)
+        make_run(tmp_path / "rss", "type_aware", 0.2, seed, 0.5, 0.5, [0.062] * 3, ones, ones, 0.2)
+    df = build_report([tmp_path / "rss"], tmp_path / "out")
+    assert not df["update_peak_resolved"].any() and df["update_peak_ratio"].isna().all()
+    assert row(df, "type_aware", 0.2)["update_peak_gib"] == pytest.approx(0.062)  # the raw value stays in the CSV
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| <0.1 | unresolved |" in md and "2.07" not in md and "below the probe's resolution" in md
+
+    # a lower floor (documented flag) resolves them; the CUDA allocator's count is never floored
+    assert main_report([str(tmp_path / "rss"), "--out", str(tmp_path / "o2"), "--mem-floor-gib", "0.01"]) == 0
+    assert pd.read_csv(tmp_path / "o2" / "report.csv").set_index("selector").loc["type_aware", "update_peak_ratio"] == pytest.approx(2.0667, abs=1e-3)
+    for seed in (0, 1):
+        make_run(tmp_path / "cuda", "full", 1.0, seed, 0.5, 0.5, [0.03] * 3, ones, ones, 1.0, cuda=True)
+        make_run(tmp_path / "cuda", "type_aware", 0.2, seed, 0.5, 0.5, [0.062] * 3, ones, ones, 0.2, cuda=True)
+    df = build_report([tmp_path / "cuda"], tmp_path / "o3")
+    assert df["update_peak_resolved"].all() and row(df, "type_aware", 0.2)["update_peak_ratio"] == pytest.approx(2.0667, abs=1e-3)
+    assert set(df["mem_probe"]) == {"cuda"}
