@@ -288,8 +288,8 @@ class Runner:
 def _invocation() -> str:
     """The command line as typed, with the interpreter and script relative to the working directory when inside it."""
     def rel(p: str) -> str:
-        try:
-            return str(Path(p).resolve().relative_to(Path.cwd()))
+        try:  # abspath, not resolve: .venv/bin/python is a symlink whose target is not the venv
+            return str(Path(os.path.abspath(p)).relative_to(Path.cwd()))
         except ValueError:
             return p
 
