@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,66 +16,12 @@ import pytest
 import yaml
 
 from conftest import ROOT, compose
+from standins import build_tokenizer, cli, save_model
 
-EXE = str(Path(sys.executable).with_name("tipdistill"))
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("table_*.yaml"))
 MATH_TASKS = ["math500", "aime24", "aime25", "gsm8k", "dapo_math"]
 
-# --- stand-in tokenizers and models ---------------------------------------------------------------
-
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-QWEN_TEMPLATE = (  # Qwen3-style: add_generation_prompt, and enable_thinking=false pre-fills an empty think block
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
-)
-LLAMA_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
-
-
-def build_tokenizer(style: str):
-    """Byte-level BPE over the 256 byte symbols (no merges) plus the family's special tokens: 261 ids.
-
-    Byte-level like the real Qwen and Llama-3 tokenizers, so that transformers reloads it the same way
-    (for model_type qwen2 it rebuilds a Qwen2Tokenizer from vocab and merges; a character-level
-    WordLevel tokenizer would silently lose its spaces there)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = QWEN_SPECIALS if style == "qwen" else LLAMA_SPECIALS
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    if style == "qwen":
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                       additional_special_tokens=specials, padding_side="left")
-        fast.chat_template = QWEN_TEMPLATE
-    else:
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                       pad_token="<|end_of_text|>", additional_special_tokens=specials, padding_side="left")
-        fast.chat_template = LLAMA_TEMPLATE
-    return fast
-
-
-def save_model(out: Path, style: str, vocab_size: int, tokenizer, seed: int) -> str:
-    """A 1-layer model of the family, head size 32 (one vLLM's CPU attention supports), saved in HF format."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=False,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                  bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id)
-    model = (Qwen2ForCausalLM(Qwen2Config(**common)) if style == "qwen" else LlamaForCausalLM(LlamaConfig(**common)))
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
-
+# --- stand-in tokenizers and models: tests/standins.py ---------------------------------------------
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
@@ -163,12 +108,6 @@ def task_cfg(name: str, path: str, **kw):
     from tipdistill.config import TaskConfig
 
     return TaskConfig(name=name, path=path, **{"eval_size": 3, **kw})
-
-
-def cli(args, cwd, timeout=300):
-    # One torch thread: on a shared 2-core machine two spinning threads made tiny-model generation 30x slower.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([EXE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 # --- 1. presets -------------------------------------------------------------------------------------
