@@ -378,17 +378,18 @@ def test_preset_trains_on_a_math_file(tmp_path, pairs, data):
 
 
 def test_memory_knobs_run_end_to_end(tmp_path, pairs, data):
-    """The GPU user's memory knobs all on at once, rollouts through vLLM (its sleep mode is a no-op
+    """The GPU user's memory knobs all on at once at the preset's bf16 compute dtype (fp32 master weights
+    under bf16 autocast, a bf16 teacher and vLLM), rollouts through vLLM (its sleep mode is a no-op
     without CUDA) on the Qwen2-shaped stand-in: the run finishes with finite losses."""
     student, teacher = pairs["qwen"]
-    run = [a for a in RUN if a != "rollout=hf"] + ["rollout=vllm", "rollout.max_num_seqs=16"]
+    run = [a for a in RUN if a not in ("rollout=hf", "model.dtype=float32")] + ["rollout=vllm", "rollout.max_num_seqs=16"]
     out = cli(["train", "model=qwen25_1p5b_to_0p5b", f"model.student={student}", f"model.teacher={teacher}",
-               "task=math500", f"task.path={data['math500', 'jsonl']}", *run, "autocast_bf16=true", "gradient_checkpointing=true",
+               "task=math500", f"task.path={data['math500', 'jsonl']}", *run, "gradient_checkpointing=true",
                "teacher_offload=true", "rollout.enable_sleep_mode=true", "rollout.max_model_len=512", "optim.schedule=cosine"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     (run,) = [p.parent for p in (tmp_path / "outputs").rglob("summary.json")]
     cfg = yaml.safe_load((run / "config_resolved.yaml").read_text())
-    assert cfg["autocast_bf16"] and cfg["gradient_checkpointing"] and cfg["teacher_offload"]
+    assert cfg["model"]["dtype"] == "bfloat16" and cfg["gradient_checkpointing"] and cfg["teacher_offload"]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [0, 1, 2]
     assert all(m["train/loss"] == m["train/loss"] and m["train/loss"] >= 0 for m in lines[1:])

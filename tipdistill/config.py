@@ -76,13 +76,17 @@ class ModelConfig:
     name: str = "embedded"
     student: Optional[str] = None
     teacher: Optional[str] = None
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "float32"  # compute dtype: teacher and vLLM weights, student under autocast (float32 | bfloat16)
+    student_dtype: str = "float32"  # the student's trainable weights: float32 master weights | bfloat16 (only with optim=adamw_kahan)
     trust_remote_code: bool = False
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false} for Qwen3
     embedded: Optional[EmbeddedConfig] = field(default_factory=EmbeddedConfig)  # null for hub/local pairs
 
     def __post_init__(self) -> None:
-        _check_choice(self.dtype, ("float32", "bfloat16", "float16"), "dtype", "model.dtype")
+        _check(self.dtype != "float16", "model.dtype=float16 is not supported: fp16 training needs loss scaling, which tipdistill does not do; "
+                                        "fix: model.dtype=bfloat16 (or float32)")
+        _check_choice(self.dtype, ("float32", "bfloat16"), "dtype", "model.dtype")
+        _check_choice(self.student_dtype, ("float32", "bfloat16"), "student weight dtype", "model.student_dtype")
         if self.embedded is None:
             _check(self.student is not None and self.teacher is not None,
                    "model.student and model.teacher must be set for a non-embedded pair (a hub id or a local directory)")
@@ -180,15 +184,18 @@ class LossConfig:
 class OptimConfig:
     """[6] AdamW with warmup, then constant or cosine."""
 
+    name: str = "adamw"  # adamw (torch, fp32 weights) | adamw_kahan (torch-optimi, Kahan-compensated: pure-bf16 student)
     lr: float = 3e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     weight_decay: float = 0.0
+    eps: float = 1e-8
     warmup_steps: int = 10
     schedule: str = "constant"  # constant | cosine
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
+        _check_choice(self.name, ("adamw", "adamw_kahan"), "optimizer", "optim")
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _check_choice(self.schedule, ("constant", "cosine"), "lr schedule", "optim.schedule")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
@@ -244,8 +251,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # how many step checkpoints to keep
     resume: Optional[str] = None  # a run directory to continue from its last checkpoint; "true" = this run dir
     max_consecutive_skips: int = 5  # non-finite loss/grad steps in a row before the run stops
-    # [3]-[6] memory knobs for large models (useful on CUDA; they run, slower, on CPU)
-    autocast_bf16: bool = False  # teacher scoring, student forward and LM-head chunks under bf16 autocast
+    # [3]-[6] memory knobs for large models (useful on CUDA; they run, slower, on CPU); bf16 compute is model.dtype
     gradient_checkpointing: bool = False  # recompute the student's decoder layers in backward
     teacher_offload: bool = False  # teacher body on CPU except while it scores (two-phase); its LM head stays
 
@@ -256,9 +262,24 @@ class TrainConfig:
         _check(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0 = only at the end), got {self.checkpoint_every}")
         _check(self.eval_every >= 0, f"eval_every must be >= 0 (0 = only at start and end), got {self.eval_every}")
         _check_choice(self.device, ("auto", "cpu", "cuda"), "device", "device")
+        self._check_precision()
         from tipdistill.registry import check_names
 
         check_names(self)
+
+
+    def _check_precision(self) -> None:
+        """The dtype policy (tipdistill/precision.py): fp32 master weights unless pure bf16 is asked for
+        explicitly, and then only with an optimizer that keeps small updates."""
+        m, o = self.model, self.optim
+        if m.student_dtype == "bfloat16":
+            _check(o.name == "adamw_kahan", "model.student_dtype=bfloat16 with plain AdamW: bf16 weights round away every update smaller "
+                                            "than about |w|/512 (at lr 1e-6 nearly all of them); fix: drop model.student_dtype (fp32 master "
+                                            "weights, the default) or add optim=adamw_kahan (Kahan-compensated bf16 updates)")
+            _check(m.dtype == "bfloat16", "model.student_dtype=bfloat16 needs model.dtype=bfloat16 (the compute dtype); fix: set both")
+        else:
+            _check(o.name == "adamw", "optim=adamw_kahan compensates bf16 weights, but the student's are float32; "
+                                      "fix: add model.student_dtype=bfloat16 (pure bf16) or use optim=adamw")
 
 
 def register_configs() -> None:

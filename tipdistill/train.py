@@ -24,6 +24,7 @@ from tipdistill import checkpoint, models
 from tipdistill.config import ConfigError, TrainConfig, to_plain
 from tipdistill.evaluate import evaluate
 from tipdistill.losses import kept_token_loss
+from tipdistill.precision import UpdateMeter, build_optimizer, precision
 from tipdistill.rollout import ENGINES, make_rollout
 from tipdistill.scoring import normalise, quadrant_fractions, quadrants, token_stats
 from tipdistill.selectors import SELECTORS, score_B_T
@@ -112,7 +113,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(student_path, trust_remote_code=cfg.model.trust_remote_code)
-    student = models.load_model(str(resume_from or student_path), cfg.model.dtype, device, trainable=True,
+    student = models.load_model(str(resume_from or student_path), cfg.model.student_dtype, device, trainable=True,
                                 trust_remote_code=cfg.model.trust_remote_code)
     teacher = models.load_model(teacher_path, cfg.model.dtype, device, trainable=False, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.gradient_checkpointing:  # non-reentrant: works with the frozen inputs and the chunked loss
@@ -121,9 +122,11 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
     if cfg.teacher_offload:  # two-phase: the body visits the device only to score
         t_head = models.resident_head(teacher, device)
         teacher.model.to("cpu")
-    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16)  # noqa: E731
+    prec = precision(cfg)  # the student's weights in model.student_dtype (fp32 master), forwards in model.dtype
+    amp = lambda: prec.autocast(device)  # noqa: E731
     select = SELECTORS.get(cfg.selector.name)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(cfg, student.parameters())
+    measured_step = UpdateMeter(optimizer)  # optimizer.step() plus optim/update_ratio
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     summary: dict = {}
     first_step = 1
@@ -221,8 +224,9 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
                         grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip))
                         lr = scheduler.get_last_lr()[0]
                         finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
+                        update_m = UpdateMeter.NO_STEP
                         if finite and n_kept > 0:
-                            optimizer.step()
+                            update_m = measured_step()
                             scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
 
@@ -242,7 +246,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
                  "select/keep_frac": n_kept / max(1, n_response), "optim/lr": lr, "optim/grad_norm": grad_norm,
                  "train/skipped_steps": skipped, "rollout/response_len_mean": n_response / B,
                  "rollout/truncated_frac": float(rollout.truncated_B.float().mean()),
-                 "rollout/reward_mean": sum(rewards) / len(rewards)}
+                 "rollout/reward_mean": sum(rewards) / len(rewards), **update_m}
             m.update(token_metrics(stats, keep_mask_B_T, cfg))
             m.update(timer.pop())
             m.update(probe.metrics)
