@@ -12,7 +12,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tipdistill.losses import kept_token_loss
 from tipdistill.models import resident_head
-from tipdistill.rollout import make_rollout
+from tipdistill.rollout import TokenRules, make_rollout
 from tipdistill.train import response_hidden
 
 V = 64
@@ -29,7 +29,7 @@ def batch():
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, V, (n,), generator=g).tolist() for n in (5, 7)]
     responses = [torch.randint(3, V, (n,), generator=g).tolist() for n in (9, 4, 6, 9)]
-    return make_rollout(prompts, responses, 2, pad_id=0, eos_id=1, max_tokens=9)
+    return make_rollout(prompts, responses, 2, TokenRules(stop_ids=(1,), pad_id=0, n_token_ids=V, context=128))
 
 
 def loss_and_grads(student, teacher, rollout, *, saved: list | None = None, autocast: bool = False):

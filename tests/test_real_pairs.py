@@ -25,11 +25,11 @@ MATH_TASKS = ["math500", "aime24", "aime25", "gsm8k", "dapo_math"]
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    """{'qwen': (student, teacher), 'llama': (student, teacher)}: LM heads padded past the tokenizer's 261 ids,
-    student 288 wide and teacher 320, as with Qwen2.5's 151,936 (1.5B) vs 152,064 (14B)."""
+    """style -> (student, teacher) for qwen (Qwen2.5), qwen3, llama and llama31 (no pad token): LM heads padded
+    past the tokenizer's ids, student 288 wide and teacher 320, as with Qwen2.5's 151,936 (1.5B) vs 152,064 (14B)."""
     root = tmp_path_factory.mktemp("pairs")
     out = {}
-    for style in ("qwen", "llama"):
+    for style in ("qwen", "qwen3", "llama", "llama31"):
         tok = build_tokenizer(style)
         out[style] = (save_model(root / f"org/{style}-student", style, 288, tok, seed=1),
                       save_model(root / f"org/{style}-teacher", style, 320, tok, seed=2))
@@ -393,6 +393,19 @@ def test_memory_knobs_run_end_to_end(tmp_path, pairs, data):
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [0, 1, 2]
     assert all(m["train/loss"] == m["train/loss"] and m["train/loss"] >= 0 for m in lines[1:])
+
+
+@pytest.mark.integration
+def test_llama31_tokenizer_without_pad_token_trains_with_rollout_hf(tmp_path, pairs, data):
+    """Llama-3.1 has no pad token: HF rollouts of prompts of different lengths pad with the first stop id
+    (this crashed before), and responses stop on <|eot_id|>, <|eom_id|> or <|end_of_text|>."""
+    student, teacher = pairs["llama31"]
+    out = cli(["train", "model=llama33_70b_to_31_8b", f"model.student={student}", f"model.teacher={teacher}",
+               "task=math500", f"task.path={data['math500', 'jsonl']}", *RUN, "steps=1", "prompts_per_step=4"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run,) = [p.parent for p in (tmp_path / "outputs").rglob("summary.json")]
+    step1 = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][1]
+    assert step1["train/response_tokens"] > 0 and step1["optim/update_moved_frac"] > 0.5
 
 
 def test_multirun_with_paths_in_overrides(tmp_path, pairs, data):

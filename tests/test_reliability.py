@@ -114,11 +114,11 @@ def test_repeated_non_finite_steps_stop_with_a_checkpoint(tmp_path, tiny_pair, m
 def test_all_empty_responses_do_not_crash_or_divide_by_zero():
     from tipdistill.config import SelectorConfig
     from tipdistill.losses import kept_token_loss
-    from tipdistill.rollout import make_rollout
+    from tipdistill.rollout import TokenRules, make_rollout
     from tipdistill.scoring import token_stats
     from tipdistill.selectors import SELECTORS
 
-    r = make_rollout([[5, 6]], [[], []], 2, pad_id=0, eos_id=1, max_tokens=4)
+    r = make_rollout([[5, 6]], [[], []], 2, TokenRules(stop_ids=(1,), pad_id=0, n_token_ids=11, context=16))
     head = torch.nn.Linear(8, 11, bias=False)
     hidden = torch.randn(2, r.response_mask_B_T.shape[1], 8, requires_grad=True)
     stats = token_stats(hidden.detach(), torch.randn_like(hidden).detach(), r.response_mask_B_T, head, head, 4)

@@ -13,6 +13,7 @@ from tipdistill.embedded import build_model, build_tokenizer
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    from tipdistill.rollout import generation_config_of, token_rules
     from tipdistill.rollout.vllm_engine import VLLMEngine
 
     path = tmp_path_factory.mktemp("vllm_model")
@@ -21,7 +22,8 @@ def setup(tmp_path_factory):
     model = build_model(NetConfig(layers=1, hidden=32, intermediate=64, heads=1, kv_heads=1), tok, 128)
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    engine = VLLMEngine(str(path), RolloutConfig(), dtype="float32", seed=0, max_model_len=128, device="cpu")
+    rules = token_rules(tok, 128, generation_config_of(str(path)))
+    engine = VLLMEngine(str(path), RolloutConfig(), rules, dtype="float32", seed=0, device="cpu")
     yield engine, model, tok
     engine.close()
 

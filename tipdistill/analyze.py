@@ -8,6 +8,7 @@ quadrant mix with per-quadrant means: the reference a team keeps before choosing
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
@@ -16,10 +17,10 @@ from transformers import AutoTokenizer
 
 from tipdistill import models
 from tipdistill.config import TrainConfig
-from tipdistill.rollout import make_rollout
+from tipdistill.rollout import generation_config_of, make_rollout, token_rules
 from tipdistill.scoring import quadrants, token_stats
 from tipdistill.tasks import build_task, encode_prompt
-from tipdistill.train import build_engine, pick_device, response_hidden
+from tipdistill.train import build_engine, pick_device, response_hidden, rollout_context
 
 log = logging.getLogger(__name__)
 QUADRANT_MEANING = {"q1": "uncertain, teacher disagrees", "q2": "uncertain, teacher agrees",
@@ -35,18 +36,17 @@ def taxonomy(cfg: TrainConfig) -> pd.DataFrame:
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     student = models.load_model(student_path, cfg.model.dtype, device, trainable=False)
     teacher = models.load_model(teacher_path, cfg.model.dtype, device, trainable=False)
-    engine = build_engine(cfg, student, tokenizer, student_path, device)
+    rules = token_rules(tokenizer, rollout_context(cfg, student_path), generation_config_of(student_path, cfg.model.trust_remote_code))
+    engine = build_engine(cfg, student, rules, student_path, device, nullcontext)  # both models already in model.dtype
     problems = task.eval_problems()
     G = cfg.rollouts_per_prompt
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = []
     for start in range(0, len(problems), cfg.prompts_per_step):
         batch = problems[start : start + cfg.prompts_per_step]
         prompt_ids = [encode_prompt(tokenizer, p.prompt, cfg.model.chat_template_kwargs) for p in batch]
         responses = engine.generate(prompt_ids, G, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                     top_k=cfg.rollout.top_k, max_tokens=cfg.rollout.max_completion_length, seed=cfg.seed + start)
-        r = make_rollout(prompt_ids, responses, G, pad_id=pad_id, eos_id=tokenizer.eos_token_id,
-                         max_tokens=cfg.rollout.max_completion_length)
+        r = make_rollout(prompt_ids, responses, G, rules)
         all_rows = slice(0, len(responses))
         stats = token_stats(response_hidden(student, r, all_rows), response_hidden(teacher, r, all_rows), r.response_mask_B_T,
                             student.get_output_embeddings(), teacher.get_output_embeddings(), cfg.scoring.chunk_size, vocab_width)

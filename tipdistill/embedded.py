@@ -24,6 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from tipdistill.config import EmbeddedConfig, NetConfig, TaskConfig
 from tipdistill.evaluate import evaluate
+from tipdistill.rollout import token_rules
 from tipdistill.rollout.hf_engine import HFEngine
 from tipdistill.tasks import Task, build_task, encode_prompt
 
@@ -81,11 +82,17 @@ def supervised_batch(tokenizer, task: Task, problems, device) -> dict[str, torch
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def hf_engine(model, tokenizer) -> HFEngine:
+    """Generation from the in-memory model (prepare runs before anything is saved), with the stop rule
+    the saved pair will have."""
+    return HFEngine(model, token_rules(tokenizer, model.config.max_position_embeddings, model.generation_config))
+
+
 @torch.no_grad()
 def greedy_accuracy(model, tokenizer, task: Task, problems, max_new_tokens: int) -> float:
     """Greedy held-out accuracy with HF generate (prepare runs before any rollout engine exists)."""
     prompt_ids = [encode_prompt(tokenizer, p.prompt) for p in problems]
-    responses = HFEngine(model, tokenizer).generate(prompt_ids, 1, temperature=0.0, top_p=1.0, top_k=0, max_tokens=max_new_tokens, seed=0)
+    responses = hf_engine(model, tokenizer).generate(prompt_ids, 1, temperature=0.0, top_p=1.0, top_k=0, max_tokens=max_new_tokens, seed=0)
     # A problem counts only when fully solved (score 1.0); partial credit (planning) is not accuracy.
     return sum(task.score(p, tokenizer.decode(r, skip_special_tokens=True)) == 1.0 for p, r in zip(problems, responses)) / len(problems)
 
@@ -122,7 +129,7 @@ def pretrain(model, tokenizer, task: Task, net: NetConfig, seed: int, max_new_to
                 break
     model.eval()
     seconds = round(time.time() - t0, 1)
-    held_out = evaluate(HFEngine(model, tokenizer), task, tokenizer, task.eval_problems(), samples=2, greedy=True,
+    held_out = evaluate(hf_engine(model, tokenizer), task, tokenizer, task.eval_problems(), samples=2, greedy=True,
                         max_tokens=max_new_tokens, seed=seed)
     log.info("prepare %s: held-out %s", role, held_out)
     return {"steps": step + 1, "final_loss": float(loss.item()), "seconds": seconds, "held_out": held_out}
@@ -198,7 +205,7 @@ def prepare(emb: EmbeddedConfig, task_cfg: TaskConfig, max_new_tokens: int) -> P
             report[role] = {**base[role], "params": sum(p.numel() for p in model.parameters()),
                             "widened_from": narrow.name, "vocab_width": emb.vocab_pad_to,
                             "extra_id_mass_max_held_out": extra_id_mass(model, len(tokenizer), held),
-                            "held_out": evaluate(HFEngine(model, tokenizer), task, tokenizer, task.eval_problems(), samples=2,
+                            "held_out": evaluate(hf_engine(model, tokenizer), task, tokenizer, task.eval_problems(), samples=2,
                                                  greedy=True, max_tokens=max_new_tokens, seed=emb.seed + (role == "student"))}
             log.info("prepare: widened %s to %d ids: %s", role, emb.vocab_pad_to, report[role])
             _save(model, tokenizer, out, role)

@@ -25,7 +25,7 @@ from tipdistill.config import ConfigError, TrainConfig, to_plain
 from tipdistill.evaluate import evaluate
 from tipdistill.losses import kept_token_loss
 from tipdistill.precision import UpdateMeter, build_optimizer, precision
-from tipdistill.rollout import ENGINES, make_rollout
+from tipdistill.rollout import ENGINES, TokenRules, generation_config_of, make_rollout, token_rules
 from tipdistill.scoring import normalise, quadrant_fractions, quadrants, token_stats
 from tipdistill.selectors import SELECTORS, score_B_T
 from tipdistill.sinks import StepTimer, UpdateMemoryProbe, open_sink
@@ -69,12 +69,12 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
-def build_engine(cfg: TrainConfig, student, tokenizer, student_path: str, device: torch.device):
+def build_engine(cfg: TrainConfig, student, rules: TokenRules, student_path: str, device: torch.device, amp):
+    """vLLM holds its own copy in the compute dtype (`model.dtype`); HF samples from the student under `amp`."""
     engine_cls = ENGINES.get(cfg.rollout.engine)
     if cfg.rollout.engine == "hf":
-        return engine_cls(student, tokenizer)
-    return engine_cls(student_path, cfg.rollout, dtype=cfg.model.dtype, seed=cfg.seed,
-                      max_model_len=rollout_context(cfg, student_path), device=device.type)
+        return engine_cls(student, rules, autocast=amp)
+    return engine_cls(student_path, cfg.rollout, rules, dtype=cfg.model.dtype, seed=cfg.seed, device=device.type)
 
 
 def rollout_context(cfg: TrainConfig, student_path: str) -> int:
@@ -113,6 +113,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(student_path, trust_remote_code=cfg.model.trust_remote_code)
+    # one stop rule for both engines, the loss mask and the truncation flag
+    rules = token_rules(tokenizer, context, generation_config_of(student_path, cfg.model.trust_remote_code))
     student = models.load_model(str(resume_from or student_path), cfg.model.student_dtype, device, trainable=True,
                                 trust_remote_code=cfg.model.trust_remote_code)
     teacher = models.load_model(teacher_path, cfg.model.dtype, device, trainable=False, trust_remote_code=cfg.model.trust_remote_code)
@@ -139,14 +141,13 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
         summary, last_eval, first_step = state["summary"], state["last_eval"], state["step"] + 1
         _truncate_metrics(run_dir / "metrics.jsonl", state["step"])  # each step appears once
         log.info("resuming from %s (step %d)", resume_from, state["step"])
-    engine = build_engine(cfg, student, tokenizer, student_path, device)
+    engine = build_engine(cfg, student, rules, student_path, device, amp)
     if resume_from is not None:
         engine.sync_weights(student)  # the engine loaded the initial student; give it the checkpoint's weights
     sample = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
                   max_tokens=cfg.rollout.max_completion_length)
     G, B = cfg.rollouts_per_prompt, cfg.prompts_per_step * cfg.rollouts_per_prompt
     micro = [slice(i, min(i + cfg.micro_batch_size, B)) for i in range(0, B, cfg.micro_batch_size)]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def run_eval(step: int) -> dict:
         # Its own seeds: evaluation must not shift the training random stream.
@@ -180,8 +181,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
                 with timer("rollout"):
                     responses_B = engine.generate(prompt_ids_P, G, seed=cfg.seed * 1_000_003 + step, **sample)
                     engine.sleep()  # vLLM sleep mode: its KV cache and weights leave the GPU until the sync
-                rollout = _to_device(make_rollout(prompt_ids_P, responses_B, G, pad_id=pad_id, eos_id=tokenizer.eos_token_id,
-                                                  max_tokens=cfg.rollout.max_completion_length), device)
+                rollout = _to_device(make_rollout(prompt_ids_P, responses_B, G, rules), device)
                 mask_B_T = rollout.response_mask_B_T
                 n_response = int(mask_B_T.sum())
 

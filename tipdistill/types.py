@@ -23,7 +23,7 @@ class Rollout:
     attention_mask_B_L: torch.Tensor  # long [B, L], 0 at padding
     response_mask_B_T: torch.Tensor  # bool [B, T], True at tokens the student generated (EOS included)
     prompt_len: int  # columns of (left-padded) prompt
-    truncated_B: torch.Tensor  # bool [B], response hit max_completion_length without EOS
+    truncated_B: torch.Tensor  # bool [B], response did not end on a stop id (cut by max_completion_length or the context)
     prompt_index_B: torch.Tensor  # long [B], index of the prompt each sequence answers
 
     @property

@@ -3,23 +3,31 @@
 In-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so `sync_weights` can hand the trainer's tensors to
 the engine's `reload_weights` without a copy through another process. Each sequence gets its own
 sampling seed derived from (call seed, index), so runs reproduce and the n samples of a prompt differ.
+
+Exactly the student's distribution: `generation_config="vllm"` keeps vLLM's neutral defaults instead of
+the model's generation_config.json, and every SamplingParams field that shapes the distribution is set.
+vLLM still stops on the generation config's EOS ids; `TokenRules.stop_ids` holds the same ids and is
+passed as `stop_token_ids`, so this engine and the HF one stop on one set.
 """
 
 from __future__ import annotations
 
 import os
 
+from tipdistill.models import DTYPES
+from tipdistill.rollout import TokenRules
+
 
 class VLLMEngine:
-    def __init__(self, model_dir: str, cfg, *, dtype: str, seed: int, max_model_len: int, device: str):
+    def __init__(self, model_dir: str, cfg, rules: TokenRules, *, dtype: str, seed: int, device: str):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(cfg.kv_cache_gib)))))
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
         kwargs = dict(
-            model=str(model_dir), dtype=dtype, enforce_eager=True, max_model_len=max_model_len,
-            max_num_seqs=cfg.max_num_seqs, seed=seed,
+            model=str(model_dir), dtype=dtype, enforce_eager=True, max_model_len=rules.context,
+            max_num_seqs=cfg.max_num_seqs, seed=seed, generation_config="vllm",
         )
         if device == "cuda":
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.enable_sleep_mode,
@@ -28,8 +36,16 @@ class VLLMEngine:
             # A chunked prefill makes vLLM rewind the seeded sampler of the cut request
             # (`Generator.set_offset`), which CPU generators do not have: the step crashes with
             # "CPU Generator does not use offset". Whole prefills only, with a budget that fits one.
-            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(8192, max_model_len))
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(8192, rules.context))
         self.llm = LLM(**kwargs)
+        self.rules, self.dtype = rules, DTYPES[dtype]
+        # Padded LM-head rows are never sampled: a -inf bias on them (Qwen: 267 ids), or, when the padding
+        # outnumbers the real ids (model=embedded_wide), the real ids as the allowed list. Per request, so short.
+        masked = rules.masked_ids(self.llm.llm_engine.model_config.get_vocab_size())
+        if len(masked) <= rules.n_token_ids:
+            self.mask_kw = {"logit_bias": dict.fromkeys(masked, float("-inf"))} if masked else {}
+        else:
+            self.mask_kw = {"allowed_token_ids": list(range(rules.n_token_ids))}
         # Rotary layers own no checkpoint weights; vLLM warns "Failed to load weights" for them on every
         # in-place reload, and then (correctly) keeps their tables. Silence that one logger.
         import logging
@@ -43,19 +59,23 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        budgets = self.rules.budgets(prompt_ids_P, max_tokens)
         prompts = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids_P for _ in range(n)]
         params = [
-            SamplingParams(n=1, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
-                           max_tokens=max_tokens, seed=(seed * 1_000_003 + i) % (2**31), detokenize=False)
+            SamplingParams(n=1, temperature=temperature, top_p=top_p, top_k=top_k, min_p=0.0, repetition_penalty=1.0,
+                           presence_penalty=0.0, frequency_penalty=0.0, min_tokens=0, max_tokens=budgets[i // n],
+                           stop_token_ids=list(self.rules.stop_ids), ignore_eos=False, **self.mask_kw,
+                           seed=(seed * 1_000_003 + i) % (2**31), detokenize=False)
             for i in range(len(prompts))
         ]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
+        return [self.rules.cut(list(o.outputs[0].token_ids)) for o in outs]
 
     def sync_weights(self, model) -> None:
-        """Copy the trainer's weights into the engine in place (no reload from disk)."""
-        state = model.state_dict()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items())})
+        """Copy the trainer's weights into the engine in place (no reload from disk), cast one tensor at a
+        time to the engine's dtype (fp32 master weights -> bf16 engine)."""
+        weights = ((name, t.detach().to(self.dtype)) for name, t in model.state_dict().items())
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
 
     def sleep(self) -> None:
         """After a rollout: level 1 frees the KV cache and moves vLLM's weights to CPU memory, so the
