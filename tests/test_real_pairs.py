@@ -224,11 +224,45 @@ def test_chat_template_is_the_same_for_teacher_and_student(pairs):
     ("72", "The answer is 72.", False),                                 # no \boxed{}: not accepted
     ("72", "so \\boxed{7", False),                                      # cut off by the length limit
     ("\\frac{\\sqrt{3}}{2}", "\\boxed{\\frac{\\sqrt{3}}{2}}", True),      # nested braces
+    # thinking models: the answer is read after </think>; cut off inside thinking = no answer
+    ("3", "<think>Let me try: 1+2 = 3, so \\boxed{3}. Wait, let me double-check the", False),
+    ("5", "<think>first guess \\boxed{5}. Hmm, actually it is 7.</think> The answer is 7.", False),
+    ("7", "<think>first guess \\boxed{5}. Hmm, actually it is 7.</think> The answer is \\boxed{7}.", True),
+    ("7", "<think>\n\n</think>\n\nSo \\boxed{7}", True),                 # enable_thinking=false: an empty think block
+    ("7", "draft \\boxed{5}</think>So \\boxed{7}", True),                 # the template opened <think> in the prompt
+    # small false negatives
+    ("3", "so the answer is \\boxed 3.", True),
+    ("3", "$\\boxed 3$", True),
+    ("1000", "\\boxed{1\\,000}", True),
+    ("1000000", "\\boxed{1\\,000\\,000}", True),
+    ("3", "\\boxed{3}, and to double-check: \\boxed{3", True),            # an unclosed last box after a closed one
+    ("1.5", "\\boxed{1.5}", True),
 ])
 def test_math_verify_checker(gold, response, ok):
     from tipdistill.tasks.math import score_response
 
     assert score_response(gold, response) == float(ok)
+
+
+def test_decoded_response_keeps_the_think_markers_and_the_templates_open_think(pairs):
+    """Qwen3 marks <think>/</think> non-special, so decoding keeps them; a template that ends the prompt
+    inside <think> (DeepSeek-R1 style) gets it put back in front of the response, so a response that never
+    closes its thinking scores 0."""
+    from transformers import AutoTokenizer
+
+    from tipdistill.tasks import decode_response, encode_prompt
+    from tipdistill.tasks.math import score_response
+
+    tok = AutoTokenizer.from_pretrained(pairs["qwen"][0])
+    prompt = encode_prompt(tok, "What is 3+4?")
+    reply = tok.encode("<think>maybe \\boxed{5}</think>\n\\boxed{7}", add_special_tokens=False) + [tok.eos_token_id]
+    assert decode_response(tok, prompt, reply) == "<think>maybe \\boxed{5}</think>\n\\boxed{7}"
+    r1_prompt = prompt + tok.encode("<think>\n", add_special_tokens=False)
+    still_thinking = tok.encode("so \\boxed{7}, but let me check", add_special_tokens=False)
+    assert decode_response(tok, r1_prompt, still_thinking).startswith("<think>so")
+    assert score_response("7", decode_response(tok, r1_prompt, still_thinking)) == 0.0
+    no_think = encode_prompt(tok, "What is 3+4?", {"enable_thinking": False})  # closed, empty think block in the prompt
+    assert decode_response(tok, no_think, tok.encode("\\boxed{7}", add_special_tokens=False)) == "\\boxed{7}"
 
 
 @pytest.mark.parametrize("task", MATH_TASKS)
@@ -406,6 +440,15 @@ def test_llama31_tokenizer_without_pad_token_trains_with_rollout_hf(tmp_path, pa
     (run,) = [p.parent for p in (tmp_path / "outputs").rglob("summary.json")]
     step1 = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][1]
     assert step1["train/response_tokens"] > 0 and step1["optim/update_moved_frac"] > 0.5
+
+
+def test_qwen3_presets_take_enable_thinking_without_a_plus():
+    """Qwen3 presets run without thinking (as the paper's code base does); one override turns it on."""
+    from tipdistill.config import validate
+
+    qwen3 = [p for p in PAPER_PAIRS if p.startswith("qwen3")]
+    cfgs = compose_many([[f"model={p}"] for p in qwen3] + [["model=qwen3_8b_to_4b", "model.chat_template_kwargs.enable_thinking=true"]])
+    assert [validate(c).model.chat_template_kwargs for c in cfgs] == [{"enable_thinking": False}] * len(qwen3) + [{"enable_thinking": True}]
 
 
 def test_multirun_with_paths_in_overrides(tmp_path, pairs, data):

@@ -1,10 +1,11 @@
 """Held-out accuracy through the rollout engine: sampled (mean over k samples, temperature 1.0,
 the paper's mean@k), pass@k, and greedy, plus the share of sampled responses cut off before a stop
-token. Seeds are passed per call, so evaluation never touches the training random stream."""
+token (a thinking model cut off mid-thought scores 0, and shows here). Seeds are passed per call, so
+evaluation never touches the training random stream."""
 
 from __future__ import annotations
 
-from tipdistill.tasks import Problem, encode_prompt
+from tipdistill.tasks import Problem, decode_response, encode_prompt
 
 
 def evaluate(engine, task, tokenizer, problems: list[Problem], *, samples: int, greedy: bool, max_tokens: int, seed: int,
@@ -16,7 +17,7 @@ def evaluate(engine, task, tokenizer, problems: list[Problem], *, samples: int, 
     def scores(n: int, temperature: float) -> list[list[float]]:
         out = engine.generate(prompt_ids, n, temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_tokens, seed=seed)
         truncated.extend(engine.rules.truncated(r) for r in out)
-        flat = [task.score(problems[i // n], tokenizer.decode(r, skip_special_tokens=True)) for i, r in enumerate(out)]
+        flat = [task.score(problems[i // n], decode_response(tokenizer, prompt_ids[i // n], r)) for i, r in enumerate(out)]
         return [flat[i * n : (i + 1) * n] for i in range(len(problems))]
 
     sampled = scores(samples, 1.0)

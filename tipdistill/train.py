@@ -29,7 +29,7 @@ from tipdistill.rollout import ENGINES, TokenRules, generation_config_of, make_r
 from tipdistill.scoring import normalise, quadrant_fractions, quadrants, token_stats
 from tipdistill.selectors import SELECTORS, score_B_T
 from tipdistill.sinks import StepTimer, UpdateMemoryProbe, open_sink
-from tipdistill.tasks import build_task, encode_prompt
+from tipdistill.tasks import build_task, decode_response, encode_prompt
 from tipdistill.types import Rollout
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
             consecutive_skips = 0 if finite else consecutive_skips + 1
 
             # --- [7] metrics
-            texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses_B]
+            texts = [decode_response(tokenizer, prompt_ids_P[i // G], r) for i, r in enumerate(responses_B)]
             rewards = [task.score(problems[i // G], t) for i, t in enumerate(texts)]
             m = {"step": step, "train/loss": loss_total, "train/response_tokens": n_response, "train/kept_tokens": n_kept,
                  "select/keep_frac": n_kept / max(1, n_response), "optim/lr": lr, "optim/grad_norm": grad_norm,

@@ -61,3 +61,25 @@ def encode_prompt(tokenizer, prompt: str, chat_template_kwargs: dict | None = No
                                             **(chat_template_kwargs or {}))
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     return tokenizer.encode(prompt, add_special_tokens=False)
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def _token_id(tokenizer, token: str):
+    i = tokenizer.convert_tokens_to_ids(token)
+    return i if i is not None and tokenizer.convert_ids_to_tokens(i) == token else None
+
+
+def decode_response(tokenizer, prompt_ids: list[int], response_ids: list[int]) -> str:
+    """The response text a checker scores: special tokens dropped except the think markers (so a checker
+    can tell thinking from the answer even where a tokenizer marks them special), with `<think>` in front
+    when the chat template itself opened the think block (R1-style templates end the prompt in `<think>`)."""
+    open_id, close_id = _token_id(tokenizer, THINK_OPEN), _token_id(tokenizer, THINK_CLOSE)
+    drop = set(tokenizer.all_special_ids) - {open_id, close_id}
+    text = tokenizer.decode([t for t in response_ids if t not in drop])
+    if open_id is not None and open_id in prompt_ids:
+        last_open = len(prompt_ids) - 1 - prompt_ids[::-1].index(open_id)
+        if close_id not in prompt_ids[last_open:]:
+            text = THINK_OPEN + text
+    return text

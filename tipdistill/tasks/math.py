@@ -6,9 +6,11 @@ knows its data set's field names, so a file in the hub's own schema works as is.
 
 Prompt: the problem, then an instruction to put the final answer in \\boxed{}; the chat template
 is applied later by `encode_prompt`, identically for teacher and student.
-Score: 1.0 when the last \\boxed{...} of the response verifies against the gold answer
-(`math_verify.verify`: numeric, symbolic, interval and set equivalence), else 0.0. A response with
-no \\boxed{} scores 0 even if the right number appears in the text.
+Score: 1.0 when the last closed \\boxed{...} of the answer verifies against the gold answer
+(`math_verify.verify`: numeric, symbolic, interval and set equivalence), else 0.0. The answer of a
+thinking model is the text after its last `</think>`; a response cut off inside its thinking scores 0
+(it also counts as truncated: it did not end on a stop token). A response with no \\boxed{} scores 0
+even if the right number appears in the text. How this relates to the paper's scoring: see README.
 
 Train/eval split:
 - one source (a local file, or a hub data set with a single split): a seeded split. The rows are
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tipdistill.config import ConfigError
-from tipdistill.tasks import Problem
+from tipdistill.tasks import THINK_CLOSE, THINK_OPEN, Problem
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -198,21 +200,38 @@ def to_problems(rows: list[tuple[str, dict]], schema: Schema, source: str, task:
 
 # --- checking answers ---------------------------------------------------------------------------
 
+def answer_text(response: str) -> Optional[str]:
+    """The part of a response that gives the answer: the text after the last `</think>`. None when a
+    think block was opened and never closed: a response cut off while thinking has not answered, and
+    a \\boxed{} inside thinking is a draft, not the answer."""
+    if THINK_CLOSE in response:
+        return response.rsplit(THINK_CLOSE, 1)[1]
+    return None if THINK_OPEN in response else response
+
+
+_BOX = re.compile(r"\\(?:boxed|fbox)\b")
+
+
 def last_boxed(text: str) -> Optional[str]:
-    """Content of the last \\boxed{...} (or \\fbox{...}) with balanced braces; None if there is none."""
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
-        return None
-    i = text.index("{", start) + 1
-    depth = 1
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j].strip()
-    return None  # unclosed (e.g. cut by max_completion_length)
+    """Content of the last closed \\boxed{...} (or \\fbox{...}, or `\\boxed 3`) with balanced braces; an
+    unclosed box (cut by the length limit) is skipped in favour of an earlier closed one. None if none."""
+    for m in reversed(list(_BOX.finditer(text))):
+        rest = text[m.end():]
+        if rest.startswith("{"):
+            depth = 0
+            for j, ch in enumerate(rest):
+                depth += (ch == "{") - (ch == "}")
+                if depth == 0:
+                    return rest[1:j].strip()
+        elif rest[:1].isspace():  # `\boxed 3`: the next word, up to the closing $ of the math
+            word = re.match(r"\s+([^\s$]+)", rest)
+            if word:
+                return word.group(1).rstrip(".,;")
+    return None
+
+
+# Thousands separators math-verify reads as products (1\,000 -> 1*0): \, \! \; \: "\ " ~ {,} between digit groups.
+_DIGIT_GROUP_SEP = re.compile(r"(?<=\d)(?:\\[,!;: ]|~|\{,\})(?=\d{3}(?!\d))")
 
 
 def _timeout() -> Optional[int]:
@@ -223,7 +242,7 @@ def _timeout() -> Optional[int]:
 def _parse(latex: str):
     from math_verify import parse
 
-    return parse(f"${latex}$", parsing_timeout=_timeout())
+    return parse(f"${_DIGIT_GROUP_SEP.sub('', latex)}$", parsing_timeout=_timeout())
 
 
 @functools.lru_cache(maxsize=8192)
@@ -253,7 +272,10 @@ def answers_match(gold: str, predicted: str) -> bool:
 
 
 def score_response(gold: str, response: str) -> float:
-    boxed = last_boxed(response)
+    """1.0 when the last closed \\boxed{} after the thinking verifies against `gold`; a response still
+    thinking when it was cut off scores 0."""
+    text = answer_text(response)
+    boxed = None if text is None else last_boxed(text)
     return float(boxed is not None and answers_match(gold, boxed))
 
 
