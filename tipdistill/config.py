@@ -10,12 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from tipdistill.errors import ConfigError
+
 # hydra/omegaconf are imported inside the functions that need them, so the numerical modules
 # (scoring, selectors, losses) import on machines with only torch (e.g. a bare GPU box).
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message is one line: the problem, then the fix."""
 
 
 def _check(ok: bool, message: str) -> None:

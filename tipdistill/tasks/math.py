@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from tipdistill.config import ConfigError
+from tipdistill.errors import ConfigError
 from tipdistill.tasks import THINK_CLOSE, THINK_OPEN, Problem
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."

@@ -144,7 +144,7 @@ class PlanningTask:
     def __init__(self, cfg):
         self.sizes = list(cfg.digits)  # forbidden cells per problem
         if any(k > MAX_FORBIDDEN for k in self.sizes):
-            from tipdistill.config import ConfigError
+            from tipdistill.errors import ConfigError
 
             raise ConfigError(f"task.digits is the number of forbidden cells per planning problem, at most {MAX_FORBIDDEN} "
                               f"(prompts stay under 60 characters); got {self.sizes}")
