@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from tipdistill.config import ConfigError, SelectorConfig
+from tipdistill.config import SelectorConfig
 from tipdistill.selectors import SELECTORS, score_B_T, take_top
 from tipdistill.types import TokenStats
 
@@ -52,8 +52,8 @@ def expected_k(m, keep):
 
 def test_registry_names():
     assert set(SELECTORS) == set(NAMES)
-    with pytest.raises(ConfigError, match="selector.name"):
-        SELECTORS.check("soft_or")
+    with pytest.raises(LookupError, match="selector.name"):
+        SELECTORS.get("soft_or")
 
 
 # --- hand-built cases -----------------------------------------------------------------------------------

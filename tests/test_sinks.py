@@ -137,8 +137,13 @@ def test_local_files(tmp_path: Path):
 
 
 def test_unknown_logger_name():
-    with pytest.raises(ConfigError, match="valid: none, wandb"):
-        SINKS.check("tensorboard")
+    from conftest import compose
+    from tipdistill.config import validate
+
+    with pytest.raises(ConfigError, match=r"unknown logger 'tensorboard'; valid: none, wandb \(set logger.name="):
+        validate(compose(["logger.name=tensorboard"]))
+    with pytest.raises(LookupError, match="valid: none, wandb"):
+        SINKS.get("tensorboard")
 
 
 # ---------------------------------------------------------------- a real offline W&B run

@@ -36,8 +36,13 @@ def test_registry_lists_valid_names():
 
     from tipdistill.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"valid: (\w+, )*arithmetic"):
-        TASKS.check("nope")
+    from conftest import compose
+    from tipdistill.config import validate
+
+    with pytest.raises(ConfigError, match=r"unknown task 'nope'; valid: (\w+, )*arithmetic"):
+        validate(compose(["task.name=nope"]))
+    with pytest.raises(LookupError, match="set task.name="):
+        TASKS.get("nope")
 
 
 def test_saved_embedded_tokenizer_round_trips_through_autotokenizer(tmp_path):

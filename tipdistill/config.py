@@ -261,10 +261,7 @@ class TrainConfig:
         _check(self.eval_every >= 0, f"eval_every must be >= 0 (0 = only at start and end), got {self.eval_every}")
         _check_choice(self.device, ("auto", "cpu", "cuda"), "device", "device")
         self._check_precision()
-        from tipdistill.registry import check_names
-
-        check_names(self)
-
+        _check_names(self)
 
     def _check_precision(self) -> None:
         """The dtype policy (tipdistill/precision.py): fp32 master weights unless pure bf16 is asked for
@@ -278,6 +275,20 @@ class TrainConfig:
         else:
             _check(o.name == "adamw", "optim=adamw_kahan compensates bf16 weights, but the student's are float32; "
                                       "fix: add model.student_dtype=bfloat16 (pure bf16) or use optim=adamw")
+
+
+def _check_names(cfg: TrainConfig) -> None:
+    """Fail fast on an unknown selector, loss, rollout engine, task or logger name. Each registry lives
+    with its stage; none of those modules imports this one, so the lazy imports close no cycle."""
+    from tipdistill.losses import DIVERGENCES
+    from tipdistill.rollout import ENGINES
+    from tipdistill.selectors import SELECTORS
+    from tipdistill.sinks import SINKS
+    from tipdistill.tasks import TASKS
+
+    for registry, name in ((SELECTORS, cfg.selector.name), (DIVERGENCES, cfg.loss.name), (ENGINES, cfg.rollout.engine),
+                           (TASKS, cfg.task.name), (SINKS, cfg.logger.name)):
+        _check(name in registry, registry.unknown(name))
 
 
 def register_configs() -> None:

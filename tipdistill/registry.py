@@ -1,16 +1,15 @@
 """One registry type for selectors, losses, rollout engines, tasks and loggers.
 
 Each pluggable stage keeps a `Registry` of name -> implementation; configs name the implementation
-with a plain string (`selector.name=type_aware`), and an unknown name fails at start-up with the list
-of valid ones.
+with a plain string (`selector.name=type_aware`). This module imports nothing from the project, so
+any stage can own a registry without an import cycle; unknown names are rejected where the config
+is validated (`config.TrainConfig`), with the message `unknown()` builds.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import Any, Callable
-
-from tipdistill.config import ConfigError
 
 
 class Registry(dict):
@@ -29,26 +28,15 @@ class Registry(dict):
 
         return deco
 
-    def check(self, name: str) -> None:
-        if name not in self:
-            raise ConfigError(f"unknown {self.what} '{name}'; valid: {', '.join(sorted(self))} (set {self.key}=<one of them>)")
+    def unknown(self, name: str) -> str:
+        """The one-line message for a name that is not registered: what, the valid names, the key to set."""
+        return f"unknown {self.what} '{name}'; valid: {', '.join(sorted(self))} (set {self.key}=<one of them>)"
 
     def get(self, name: str) -> Any:  # type: ignore[override]
-        self.check(name)
+        if name not in self:
+            raise LookupError(self.unknown(name))  # config validation reports it as a ConfigError first
         obj = self[name]
         if isinstance(obj, str):
             module, attr = obj.split(":")
             obj = getattr(importlib.import_module(module), attr)
         return obj
-
-
-def check_names(cfg: Any) -> None:
-    """Fail fast on an unknown selector, loss, rollout engine, task or logger name."""
-    from tipdistill import losses, selectors, sinks, tasks
-    from tipdistill.rollout import ENGINES
-
-    selectors.SELECTORS.check(cfg.selector.name)
-    losses.DIVERGENCES.check(cfg.loss.name)
-    ENGINES.check(cfg.rollout.engine)
-    tasks.TASKS.check(cfg.task.name)
-    sinks.SINKS.check(cfg.logger.name)

@@ -10,13 +10,16 @@ stable sorts, so runs reproduce. Randomness comes only from `generator` (the cal
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
-from tipdistill.config import SelectorConfig
 from tipdistill.registry import Registry
 from tipdistill.scoring import normalise
 from tipdistill.types import TokenStats
+
+if TYPE_CHECKING:  # annotations only: config.py imports this module to check selector names
+    from tipdistill.config import SelectorConfig
 
 SELECTORS = Registry("selector", "selector.name")
 
@@ -46,7 +49,7 @@ def score_B_T(name: str, stats: TokenStats, cfg: SelectorConfig) -> torch.Tensor
         elif name in ("type_aware", "type_aware_bottom"):  # Soft-OR: high if either axis is high
             score = h_hat_B_T + rkl_hat_B_T - h_hat_B_T * rkl_hat_B_T
         else:
-            SELECTORS.check(name)
+            SELECTORS.get(name)  # an unknown name raises with the valid ones listed
             raise KeyError(f"selector '{name}' has no score rule")
     return torch.where(mask_B_T, score, 0.0)
 

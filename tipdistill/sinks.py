@@ -25,11 +25,13 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 from urllib.parse import urlsplit
 
-from tipdistill.config import LoggerConfig
 from tipdistill.registry import Registry
+
+if TYPE_CHECKING:  # annotations only: config.py imports this module to check logger names
+    from tipdistill.config import LoggerConfig
 
 log = logging.getLogger(__name__)
 

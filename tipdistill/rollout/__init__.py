@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from tipdistill.config import ConfigError
+from tipdistill.errors import ConfigError
 from tipdistill.registry import Registry
 from tipdistill.types import Rollout
 
