@@ -6,9 +6,8 @@ checkpoint, so autograd keeps only the chunk's hidden states and recomputes the 
 `naive_masked_loss` is the peer-style baseline (all logits with grad, mask afterwards), kept for tests
 and benchmarks. Losses return `(sum, count)`; the caller divides (mean over kept tokens, TIP Eq. 9).
 
-Divergences take logits [N, V], work in (at least) fp32 via log_softmax, sum over the full vocabulary,
-and treat -inf logits (masked vocabulary entries) as zero probability: 0 * log 0 = 0, never NaN, in the
-forward and in the gradient.
+Divergences take logits [N, V] and follow the conventions of `numerics.py` (fp32 at least, full
+vocabulary, -inf logits are zero probability, never NaN).
 """
 
 from __future__ import annotations
@@ -20,40 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from tipdistill.numerics import Head, head_logits, kl_logp, upcast
 from tipdistill.registry import Registry
 
 DIVERGENCES = Registry("loss", "loss.name")
-
-Head = Callable[[torch.Tensor], torch.Tensor]  # hidden [..., H] -> logits [..., V], e.g. model.lm_head
-
-
-# --- numerics on log-probabilities -------------------------------------------------------------------
-
-
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 -> fp32; fp32/fp64 unchanged (fp64 lets tests compare to 1e-6)."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def head_logits(head: Head, hidden_N_H: torch.Tensor, vocab_width: Optional[int]) -> torch.Tensor:
-    """Project through an LM head, upcast, and keep the shared vocabulary prefix `[:vocab_width]`."""
-    logits_N_V = upcast(head(hidden_N_H))
-    return logits_N_V if vocab_width is None else logits_N_V[..., :vocab_width]
-
-
-def kl_logp(logp_N_V: torch.Tensor, logq_N_V: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per row, [N]. Entries with p = 0 (logp = -inf) contribute exactly 0.
-
-    The `where` sits on the log-ratio, not on the product, so the gradient is NaN-free too
-    (p * where(...) has finite factors; a where around the product would backprop 0 * nan).
-    """
-    logratio_N_V = torch.where(torch.isneginf(logp_N_V), 0.0, logp_N_V - logq_N_V)
-    return (logp_N_V.exp() * logratio_N_V).sum(-1)
-
-
-def entropy_logp(logp_N_V: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy in nats per row, [N]; 0 * log 0 = 0."""
-    return -(logp_N_V.exp() * torch.where(torch.isneginf(logp_N_V), 0.0, logp_N_V)).sum(-1)
 
 
 # --- the registered per-token divergences --------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from tipdistill.losses import Head, entropy_logp, head_logits, kl_logp
+from tipdistill.numerics import Head, entropy_logp, head_logits, kl_logp
 from tipdistill.types import TokenStats
 
 
