@@ -276,7 +276,7 @@ def run_one(args) -> dict:
     info: dict = {}
 
     def our_update(step: int) -> None:
-        select = SELECTORS.get(name)
+        selector = SELECTORS.get(name)
         sel_cfg = SelectorConfig(name=name)
         # --- [3] teacher: hidden states, no grad (train.py)
         with meter.phase("teacher"), torch.no_grad():
@@ -289,7 +289,7 @@ def run_one(args) -> dict:
             stats = token_stats(stats_hidden_B_T_H, teacher_hidden_B_T_H, mask_B_T, s_head, t_head, chunk, vocab_width)
             del stats_hidden_B_T_H
             generator = torch.Generator(device="cpu").manual_seed(1_000_003 + step)
-            keep_mask_B_T = select(stats, keep, sel_cfg, generator).to(device)
+            keep_mask_B_T = selector.select(stats, keep, sel_cfg, generator).to(device)
         n_kept = int(keep_mask_B_T.sum())
         # --- [5] loss on kept positions only; [6] update
         for rows in micro:

@@ -123,7 +123,7 @@ def test_all_empty_responses_do_not_crash_or_divide_by_zero():
     hidden = torch.randn(2, r.response_mask_B_T.shape[1], 8, requires_grad=True)
     stats = token_stats(hidden.detach(), torch.randn_like(hidden).detach(), r.response_mask_B_T, head, head, 4)
     for name in SELECTORS:
-        keep = SELECTORS.get(name)(stats, 0.5, SelectorConfig(name=name), torch.Generator().manual_seed(0))
+        keep = SELECTORS.get(name).select(stats, 0.5, SelectorConfig(name=name), torch.Generator().manual_seed(0))
         assert int(keep.sum()) == 0
     loss_sum, n = kept_token_loss(hidden, hidden.detach(), keep, head, head, "reverse_kl", 0.5, 4)
     (loss_sum / max(1, n)).backward()

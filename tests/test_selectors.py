@@ -1,21 +1,25 @@
 """[4b] Token selectors on small hand-built TokenStats where the right answer is known.
 
-Run: python -m pytest tests/test_selectors.py -q
+The generic properties (counts, masks, keep = 1, ranking) run over every selector in the registry, so a
+new selector is covered by adding it. Run: python -m pytest tests/test_selectors.py -q
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tipdistill.config import SelectorConfig
-from tipdistill.selectors import SELECTORS, score_B_T, take_top
+from tipdistill.selectors import SELECTORS, Selector, take_top
 from tipdistill.types import TokenStats
 
-NAMES = ["full", "random", "entropy", "entropy_topk", "divergence", "q3", "type_aware", "type_aware_bottom"]
-SUBSET = [n for n in NAMES if n != "full"]
+NAMES = sorted(SELECTORS)
+SUBSET = [n for n in NAMES if not SELECTORS.get(n).ignores_keep]  # the ones that honour `keep`
+TOP_K = [n for n in NAMES if type(SELECTORS.get(n)).select is Selector.select]  # ranked by their own score
 GRANULARITIES = ["per_sequence", "per_batch"]
 
 
@@ -43,15 +47,24 @@ def random_stats(seed, B, T, p_valid=0.7, garbage=False):
 
 def select(name, stats, keep, granularity="per_sequence", seed=0, **cfg):
     gen = torch.Generator().manual_seed(seed)
-    return SELECTORS.get(name)(stats, keep, SelectorConfig(name=name, granularity=granularity, **cfg), gen)
+    return SELECTORS.get(name).select(stats, keep, SelectorConfig(name=name, granularity=granularity, **cfg), gen)
+
+
+def score_B_T(name, stats, cfg):
+    return SELECTORS.get(name).score_B_T(stats, cfg)
 
 
 def expected_k(m, keep):
     return 0 if m == 0 else min(m, max(1, math.floor(keep * m + 1e-9)))
 
 
-def test_registry_names():
-    assert set(SELECTORS) == set(NAMES)
+def test_every_selector_has_its_yaml_and_every_yaml_a_selector():
+    conf = Path(__file__).resolve().parents[1] / "conf" / "selector"
+    named = {yaml.safe_load(f.read_text())["name"]: f.stem for f in conf.glob("*.yaml")}
+    assert named == {n: n for n in SELECTORS}  # conf/selector/<name>.yaml sets name: <name>
+    assert {"full", "type_aware"} <= set(SELECTORS)
+    for name in NAMES:
+        assert SELECTORS.get(name).name == name
     with pytest.raises(LookupError, match="selector.name"):
         SELECTORS.get("soft_or")
 
@@ -158,17 +171,23 @@ def test_keep_one_keeps_everything():
             assert torch.equal(select(name, st, 1.0, gran), st.mask_B_T), (name, gran)
 
 
-def test_full_ignores_keep():
-    st = random_stats(2, 3, 9)
-    assert torch.equal(select("full", st, 0.1), st.mask_B_T)
+def test_only_the_selectors_that_say_so_ignore_keep():
+    st = random_stats(2, 3, 30, p_valid=1.0)
+    assert SELECTORS.get("full").ignores_keep
+    for name in NAMES:
+        everything = torch.equal(select(name, st, 0.1), st.mask_B_T)
+        assert everything == SELECTORS.get(name).ignores_keep, name
 
 
 def test_kept_tokens_are_the_highest_scored():
     st = random_stats(11, 6, 30)
     cfg = SelectorConfig()
-    for name in ("entropy_topk", "divergence", "q3", "type_aware"):
+    assert {"entropy_topk", "divergence", "q3", "type_aware", "type_aware_bottom"} <= set(TOP_K)
+    for name in TOP_K:
         kept = select(name, st, 0.3)
         score = score_B_T(name, st, cfg)
+        if SELECTORS.get(name).bottom:
+            score = -score
         for b in range(6):
             if kept[b].any():
                 dropped = st.mask_B_T[b] & ~kept[b]

@@ -1,10 +1,12 @@
 """[4b] Token selectors: map per-token stats to a keep mask over the response positions.
 
-Every selector has the signature `fn(stats, keep, cfg, generator) -> keep_mask_B_T` (bool [B, T]) and
-never keeps a position outside `stats.mask_B_T`. Counts: with `cfg.granularity == "per_sequence"` each
-rollout with m > 0 valid tokens keeps k = max(1, floor(keep * m)); with "per_batch" the whole batch keeps
-max(1, floor(keep * M)), ranked jointly. Ties go to the earlier position (row-major for per_batch), via
-stable sorts, so runs reproduce. Randomness comes only from `generator` (the caller seeds it).
+A selector is one registered object (`SELECTORS[name]`, a `Selector`) that owns its score rule
+(`score_B_T`, also written to the token dumps) and its selection (`select`), so adding one is one class
+here plus one YAML file in conf/selector/. `select(stats, keep, cfg, generator) -> keep_mask_B_T` (bool
+[B, T]) never keeps a position outside `stats.mask_B_T`. Counts: with `cfg.granularity == "per_sequence"`
+each rollout with m > 0 valid tokens keeps k = max(1, floor(keep * m)); with "per_batch" the whole batch
+keeps max(1, floor(keep * M)), ranked jointly. Ties go to the earlier position (row-major for per_batch),
+via stable sorts, so runs reproduce. Randomness comes only from `generator` (the caller seeds it).
 """
 
 from __future__ import annotations
@@ -22,36 +24,6 @@ if TYPE_CHECKING:  # annotations only: config.py imports this module to check se
     from tipdistill.config import SelectorConfig
 
 SELECTORS = Registry("selector", "selector.name")
-
-
-# --- scores ---------------------------------------------------------------------------------------------
-
-
-def score_B_T(name: str, stats: TokenStats, cfg: SelectorConfig) -> torch.Tensor:
-    """The per-token score rule `name` ranks by (fp32 [B, T], 0 outside the mask), for dumps and ranking.
-
-    full/random have no score (NaN at valid tokens); `entropy` reports its sampling weight h;
-    `type_aware_bottom` reports the same Soft-OR score as `type_aware` (it keeps the lowest).
-    """
-    mask_B_T = stats.mask_B_T
-    if name in ("full", "random"):
-        score = torch.full_like(stats.h_B_T, math.nan)
-    elif name == "entropy":
-        score = stats.h_B_T
-    elif name == "divergence":
-        score = stats.rkl_B_T
-    else:
-        h_hat_B_T, rkl_hat_B_T = normalise(stats, cfg.entropy_clip_quantile, cfg.rkl_clip_quantile)
-        if name == "entropy_topk":
-            score = h_hat_B_T
-        elif name == "q3":  # confident (low h^) and far from the teacher in the teacher's own view
-            score = stats.fkl_B_T * (1.0 - h_hat_B_T)
-        elif name in ("type_aware", "type_aware_bottom"):  # Soft-OR: high if either axis is high
-            score = h_hat_B_T + rkl_hat_B_T - h_hat_B_T * rkl_hat_B_T
-        else:
-            SELECTORS.get(name)  # an unknown name raises with the valid ones listed
-            raise KeyError(f"selector '{name}' has no score rule")
-    return torch.where(mask_B_T, score, 0.0)
 
 
 # --- counting and ranking ---------------------------------------------------------------------------------
@@ -107,63 +79,120 @@ def _uniform_B_T(stats: TokenStats, generator: torch.Generator) -> torch.Tensor:
 # --- the selectors ----------------------------------------------------------------------------------------
 
 
-@SELECTORS.register("full")
-def select_full(stats: TokenStats, keep: float, cfg: SelectorConfig, generator: torch.Generator) -> torch.Tensor:
+class Selector:
+    """Base: no score (NaN at valid tokens) and top-k by score. Subclasses override `rule`, `select`, or both."""
+
+    name = ""
+    bottom = False  # keep the lowest-scored tokens instead of the highest
+    ignores_keep = False  # True: trains on every valid token whatever `keep` says
+
+    def rule(self, stats: TokenStats, cfg: SelectorConfig) -> torch.Tensor:
+        """The raw per-token score, fp32 [B, T] (values outside the mask are discarded)."""
+        return torch.full_like(stats.h_B_T, math.nan)
+
+    def score_B_T(self, stats: TokenStats, cfg: SelectorConfig) -> torch.Tensor:
+        """The score this selector ranks by, fp32 [B, T], 0 outside the mask (for ranking and token dumps)."""
+        return torch.where(stats.mask_B_T, self.rule(stats, cfg), 0.0)
+
+    def select(self, stats: TokenStats, keep: float, cfg: SelectorConfig, generator: torch.Generator) -> torch.Tensor:
+        score_B_T = self.score_B_T(stats, cfg)
+        return take_top([-score_B_T if self.bottom else score_B_T], stats.mask_B_T, keep, cfg.granularity)
+
+
+def _registered(cls: type[Selector]) -> type[Selector]:
+    SELECTORS.register(cls.name)(cls())
+    return cls
+
+
+@_registered
+class Full(Selector):
     """Every valid response token (the OPD baseline); `keep` is ignored."""
-    return stats.mask_B_T.clone()
+
+    name, ignores_keep = "full", True
+
+    def select(self, stats, keep, cfg, generator):
+        return stats.mask_B_T.clone()
 
 
-@SELECTORS.register("random")
-def select_random(stats: TokenStats, keep: float, cfg: SelectorConfig, generator: torch.Generator) -> torch.Tensor:
+@_registered
+class Random(Selector):
     """Uniform sample without replacement, same count as the scored rules (the control the paper lacks)."""
-    return take_top([_uniform_B_T(stats, generator)], stats.mask_B_T, keep, cfg.granularity)
+
+    name = "random"
+
+    def select(self, stats, keep, cfg, generator):
+        return take_top([_uniform_B_T(stats, generator)], stats.mask_B_T, keep, cfg.granularity)
 
 
-@SELECTORS.register("entropy")
-def select_entropy(stats: TokenStats, keep: float, cfg: SelectorConfig, generator: torch.Generator) -> torch.Tensor:
+@_registered
+class Entropy(Selector):
     """The paper's entropy-only rule: sample k tokens without replacement with p_t proportional to h_t.
 
     Gumbel-top-k: the k largest log h_t + Gumbel_t are distributed exactly as k sequential draws without
     replacement. Tokens with h = 0 rank below all others and are ordered uniformly among themselves, so
-    they are only taken once positive mass is exhausted (a row of zeros falls back to uniform).
+    they are only taken once positive mass is exhausted (a row of zeros falls back to uniform). Its score
+    (for dumps) is the sampling weight h.
     """
-    gumbel_B_T = -torch.log(-torch.log(_uniform_B_T(stats, generator)))
-    h_B_T = stats.h_B_T.float()
-    positive_B_T = h_B_T > 0
-    key_B_T = torch.where(positive_B_T, torch.log(h_B_T.clamp(min=1e-30)) + gumbel_B_T, gumbel_B_T)
-    return take_top([key_B_T, positive_B_T.float()], stats.mask_B_T, keep, cfg.granularity)
+
+    name = "entropy"
+
+    def rule(self, stats, cfg):
+        return stats.h_B_T
+
+    def select(self, stats, keep, cfg, generator):
+        gumbel_B_T = -torch.log(-torch.log(_uniform_B_T(stats, generator)))
+        h_B_T = stats.h_B_T.float()
+        positive_B_T = h_B_T > 0
+        key_B_T = torch.where(positive_B_T, torch.log(h_B_T.clamp(min=1e-30)) + gumbel_B_T, gumbel_B_T)
+        return take_top([key_B_T, positive_B_T.float()], stats.mask_B_T, keep, cfg.granularity)
 
 
-def _top_k(name: str, stats: TokenStats, keep: float, cfg: SelectorConfig, bottom: bool = False) -> torch.Tensor:
-    score = score_B_T(name, stats, cfg)
-    return take_top([-score if bottom else score], stats.mask_B_T, keep, cfg.granularity)
-
-
-@SELECTORS.register("entropy_topk")
-def select_entropy_topk(stats: TokenStats, keep: float, cfg: SelectorConfig, generator: torch.Generator) -> torch.Tensor:
+@_registered
+class EntropyTopK(Selector):
     """Deterministic top-k by h^ (clipped, min-max normalised entropy): a variant of the paper's rule."""
-    return _top_k("entropy_topk", stats, keep, cfg)
+
+    name = "entropy_topk"
+
+    def rule(self, stats, cfg):
+        return normalise(stats, cfg.entropy_clip_quantile, cfg.rkl_clip_quantile)[0]
 
 
-@SELECTORS.register("divergence")
-def select_divergence(stats: TokenStats, keep: float, cfg: SelectorConfig, generator: torch.Generator) -> torch.Tensor:
+@_registered
+class Divergence(Selector):
     """Top-k by rkl = KL(S||T), delta_t in TIP."""
-    return _top_k("divergence", stats, keep, cfg)
+
+    name = "divergence"
+
+    def rule(self, stats, cfg):
+        return stats.rkl_B_T
 
 
-@SELECTORS.register("q3")
-def select_q3(stats: TokenStats, keep: float, cfg: SelectorConfig, generator: torch.Generator) -> torch.Tensor:
-    """Top-k by fkl * (1 - h^): overconfident tokens (Q3), invisible to entropy rules. The loss stays rkl."""
-    return _top_k("q3", stats, keep, cfg)
+@_registered
+class Q3(Selector):
+    """Top-k by fkl * (1 - h^): overconfident tokens (Q3), confident and far from the teacher in the
+    teacher's own view, invisible to entropy rules. The loss stays rkl."""
+
+    name = "q3"
+
+    def rule(self, stats, cfg):
+        h_hat_B_T, _ = normalise(stats, cfg.entropy_clip_quantile, cfg.rkl_clip_quantile)
+        return stats.fkl_B_T * (1.0 - h_hat_B_T)
 
 
-@SELECTORS.register("type_aware")
-def select_type_aware(stats: TokenStats, keep: float, cfg: SelectorConfig, generator: torch.Generator) -> torch.Tensor:
+@_registered
+class TypeAware(Selector):
     """TIP's Soft-OR: top-k by s = h^ + rkl^ - h^ * rkl^ (high when either axis is high)."""
-    return _top_k("type_aware", stats, keep, cfg)
+
+    name = "type_aware"
+
+    def rule(self, stats, cfg):
+        h_hat_B_T, rkl_hat_B_T = normalise(stats, cfg.entropy_clip_quantile, cfg.rkl_clip_quantile)
+        return h_hat_B_T + rkl_hat_B_T - h_hat_B_T * rkl_hat_B_T
 
 
-@SELECTORS.register("type_aware_bottom")
-def select_type_aware_bottom(stats: TokenStats, keep: float, cfg: SelectorConfig, generator: torch.Generator) -> torch.Tensor:
-    """Control: bottom-k by the Soft-OR score (the paper's "bottom half"); ties still go to the earlier position."""
-    return _top_k("type_aware", stats, keep, cfg, bottom=True)
+@_registered
+class TypeAwareBottom(TypeAware):
+    """Control: bottom-k by the Soft-OR score (the paper's "bottom half"); ties still go to the earlier
+    position. Its dumped score is the Soft-OR score it ranks by."""
+
+    name, bottom = "type_aware_bottom", True

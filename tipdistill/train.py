@@ -27,7 +27,7 @@ from tipdistill.losses import kept_token_loss
 from tipdistill.precision import UpdateMeter, build_optimizer, precision
 from tipdistill.rollout import ENGINES, TokenRules, generation_config_of, make_rollout, token_rules
 from tipdistill.scoring import normalise, quadrant_fractions, quadrants, token_stats
-from tipdistill.selectors import SELECTORS, score_B_T
+from tipdistill.selectors import SELECTORS
 from tipdistill.sinks import StepTimer, UpdateMemoryProbe, open_sink
 from tipdistill.tasks import build_task, decode_response, encode_prompt
 from tipdistill.types import Rollout
@@ -126,7 +126,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
         teacher.model.to("cpu")
     prec = precision(cfg)  # the student's weights in model.student_dtype (fp32 master), forwards in model.dtype
     amp = lambda: prec.autocast(device)  # noqa: E731
-    select = SELECTORS.get(cfg.selector.name)
+    selector = SELECTORS.get(cfg.selector.name)
     optimizer = build_optimizer(cfg, student.parameters())
     measured_step = UpdateMeter(optimizer)  # optimizer.step() plus optim/update_ratio
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -205,7 +205,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
                         del stats_hidden_B_T_H
                         # --- [4b] selection: which response tokens the update trains on
                         generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + step)
-                        keep_mask_B_T = select(stats, cfg.keep, cfg.selector, generator).to(device)
+                        keep_mask_B_T = selector.select(stats, cfg.keep, cfg.selector, generator).to(device)
                     n_kept = int(keep_mask_B_T.sum())
 
                     # --- [5] loss on kept positions only, mean over kept tokens; [6] update
@@ -349,7 +349,7 @@ def token_rows(step: int, stats, keep_mask_B_T, rollout: Rollout, tokenizer, cfg
     import pandas as pd
 
     h_hat, rkl_hat = normalise(stats, cfg.selector.entropy_clip_quantile, cfg.selector.rkl_clip_quantile)
-    score = score_B_T(cfg.selector.name, stats, cfg.selector)
+    score = SELECTORS.get(cfg.selector.name).score_B_T(stats, cfg.selector)
     q = quadrants(stats, cfg.scoring.entropy_threshold, cfg.scoring.rkl_threshold)
     ids = rollout.response_ids_B_T
     rows = []
