@@ -9,6 +9,7 @@ import torch
 
 from tipdistill.config import NetConfig, RolloutConfig
 from tipdistill.embedded import build_model, build_tokenizer
+from tipdistill.runtime import LocalRuntime
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_weight_sync_makes_vllm_match_the_updated_student(setup):
     updated = hf_logprobs(model, ids)
     assert (vllm_logprobs(engine, ids) - updated).abs().max() > 1e-2  # stale until synced
 
-    engine.sync_weights(model)
+    engine.sync_weights(LocalRuntime(torch.device("cpu")).full_weights(model))
     after = vllm_logprobs(engine, ids)
     assert torch.allclose(after, updated, atol=1e-4), (after - updated).abs().max()
 

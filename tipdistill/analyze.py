@@ -20,7 +20,8 @@ from tipdistill.config import TrainConfig
 from tipdistill.rollout import generation_config_of, make_rollout, token_rules
 from tipdistill.scoring import quadrants, token_stats
 from tipdistill.tasks import build_task, encode_prompt
-from tipdistill.train import build_engine, pick_device, response_hidden, rollout_context
+from tipdistill.runtime import pick_device
+from tipdistill.train import build_engine, response_hidden, rollout_context
 
 log = logging.getLogger(__name__)
 QUADRANT_MEANING = {"q1": "uncertain, teacher disagrees", "q2": "uncertain, teacher agrees",

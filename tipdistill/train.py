@@ -24,8 +24,9 @@ from tipdistill import checkpoint, models
 from tipdistill.config import ConfigError, TrainConfig, to_plain
 from tipdistill.evaluate import evaluate
 from tipdistill.losses import kept_token_loss
-from tipdistill.precision import UpdateMeter, build_optimizer, precision
+from tipdistill.precision import UpdateMeter, build_optimizer
 from tipdistill.rollout import ENGINES, TokenRules, generation_config_of, make_rollout, token_rules
+from tipdistill.runtime import LocalRuntime, Runtime
 from tipdistill.scoring import normalise, quadrant_fractions, quadrants, token_stats
 from tipdistill.selectors import SELECTORS
 from tipdistill.sinks import StepTimer, UpdateMemoryProbe, open_sink
@@ -33,12 +34,6 @@ from tipdistill.tasks import build_task, decode_response, encode_prompt
 from tipdistill.types import Rollout
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def response_hidden(model, rollout: Rollout, rows: slice) -> torch.Tensor:
@@ -90,11 +85,13 @@ class TrainingStopped(RuntimeError):
         self.exit_code = exit_code
 
 
-def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str | None = None) -> dict:
+def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str | None = None,
+          runtime: Runtime | None = None) -> dict:
     """Run one distillation job; writes metrics.jsonl, summary.json and checkpoints/ into run_dir."""
     t_start = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
+    runtime = runtime or LocalRuntime.from_config(cfg)
+    device = runtime.device
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     resume_from = checkpoint.latest(run_dir) if cfg.resume else None
@@ -124,8 +121,6 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
     if cfg.teacher_offload:  # two-phase: the body visits the device only to score
         t_head = models.resident_head(teacher, device)
         teacher.model.to("cpu")
-    prec = precision(cfg)  # the student's weights in model.student_dtype (fp32 master), forwards in model.dtype
-    amp = lambda: prec.autocast(device)  # noqa: E731
     selector = SELECTORS.get(cfg.selector.name)
     optimizer = build_optimizer(cfg, student.parameters())
     measured_step = UpdateMeter(optimizer)  # optimizer.step() plus optim/update_ratio
@@ -141,9 +136,9 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
         summary, last_eval, first_step = state["summary"], state["last_eval"], state["step"] + 1
         _truncate_metrics(run_dir / "metrics.jsonl", state["step"])  # each step appears once
         log.info("resuming from %s (step %d)", resume_from, state["step"])
-    engine = build_engine(cfg, student, rules, student_path, device, amp)
+    engine = build_engine(cfg, student, rules, student_path, device, runtime.autocast)
     if resume_from is not None:
-        engine.sync_weights(student)  # the engine loaded the initial student; give it the checkpoint's weights
+        engine.sync_weights(runtime.full_weights(student))  # the engine loaded the initial student; give it the checkpoint's weights
     sample = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
                   max_tokens=cfg.rollout.max_completion_length)
     G, B = cfg.rollouts_per_prompt, cfg.prompts_per_step * cfg.rollouts_per_prompt
@@ -156,7 +151,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
                         chat_template_kwargs=cfg.model.chat_template_kwargs)
 
     def save_checkpoint(step: int) -> Path:
-        return checkpoint.save(run_dir, step, student, tokenizer, optimizer, scheduler,
+        return checkpoint.save(run_dir, step, runtime.unwrap(student), tokenizer, optimizer, scheduler,
                                {"task_rng": rng.getstate(), "summary": summary, "last_eval": last_eval},
                                cfg.keep_checkpoints)
 
@@ -186,20 +181,20 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
                 n_response = int(mask_B_T.sum())
 
                 # --- [3] teacher: hidden states on the student's exact token ids, no grad
-                with timer("teacher"), torch.no_grad(), amp(), models.visiting(teacher.model, device, cfg.teacher_offload):
+                with timer("teacher"), torch.no_grad(), runtime.autocast(), models.visiting(teacher.model, device, cfg.teacher_offload):
                     teacher_hidden_B_T_H = torch.cat([response_hidden(teacher, rollout, rows) for rows in micro])
 
                 probe = UpdateMemoryProbe(device)
                 with probe:
                     # --- [4a] student forward; per-token stats without grad, chunk by chunk
-                    with timer("update"), amp():
+                    with timer("update"), runtime.autocast():
                         if len(micro) == 1:  # one micro-batch: the grad forward also feeds the stats
                             student_hidden = [response_hidden(student, rollout, micro[0])]
                             stats_hidden_B_T_H = student_hidden[0].detach()
                         else:  # several: stats need the whole batch first, so a no-grad pass
                             with torch.no_grad():
                                 stats_hidden_B_T_H = torch.cat([response_hidden(student, rollout, rows) for rows in micro])
-                    with timer("select"), amp():
+                    with timer("select"), runtime.autocast():
                         stats = token_stats(stats_hidden_B_T_H, teacher_hidden_B_T_H, mask_B_T, s_head, t_head,
                                             cfg.scoring.chunk_size, vocab_width)
                         del stats_hidden_B_T_H
@@ -212,7 +207,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
                     with timer("update"):
                         loss_total = 0.0
                         for rows in micro:
-                            with amp():
+                            with runtime.autocast():
                                 hidden = student_hidden[0] if len(micro) == 1 else response_hidden(student, rollout, rows)
                                 loss_sum, _ = kept_token_loss(hidden, teacher_hidden_B_T_H[rows], keep_mask_B_T[rows], s_head, t_head,
                                                               cfg.loss.name, cfg.loss.beta, cfg.loss.chunk_size, vocab_width)
@@ -233,7 +228,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
                 # --- weight sync: the next rollout must come from the updated student
                 with timer("weight_sync"):
                     engine.wake()
-                    engine.sync_weights(student)
+                    engine.sync_weights(runtime.full_weights(student))
 
             # --- numerical faults: skip the step, stop after too many in a row
             skipped += not finite
@@ -279,7 +274,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
         summary.update({"steps": cfg.steps, "wall_s": round(time.time() - t_start, 2)})
         save_checkpoint(cfg.steps)
         final = run_dir / "checkpoints" / "final"
-        student.save_pretrained(final)
+        runtime.unwrap(student).save_pretrained(final)
         tokenizer.save_pretrained(final)
         sink.summary(summary)
     engine.close()

@@ -14,7 +14,7 @@ response ends.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterable, Protocol
 
 import torch
 
@@ -36,8 +36,8 @@ class RolloutEngine(Protocol):
         field taken from the model's generation_config.json), never a padded-head id. Each ends at (and
         includes) its first stop id, or is cut at `max_tokens` or at the context. temperature 0 = argmax."""
 
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        """Load the trainer's current weights so the next rollout is on-policy."""
+    def sync_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load the trainer's current weights (`runtime.full_weights(student)`) so the next rollout is on-policy."""
 
     def sleep(self) -> None:
         """Between a rollout and the next sync: give the engine's accelerator memory to the update (may no-op)."""

@@ -85,8 +85,8 @@ class HFEngine:
         return hf_generate(self.model, self.rules, prompt_ids_P, n, temperature=temperature, top_p=top_p, top_k=top_k,
                            max_tokens=max_tokens, seed=seed, autocast=self.autocast)
 
-    def sync_weights(self, model) -> None:
-        assert model is self.model, "HFEngine samples from the trainer's module; nothing to sync"
+    def sync_weights(self, weights) -> None:
+        """Nothing to copy: the engine samples from the trainer's own module."""
 
     def sleep(self) -> None:  # the trainer's own module: nothing separate to free
         pass

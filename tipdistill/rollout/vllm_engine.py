@@ -71,11 +71,12 @@ class VLLMEngine:
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         return [self.rules.cut(list(o.outputs[0].token_ids)) for o in outs]
 
-    def sync_weights(self, model) -> None:
-        """Copy the trainer's weights into the engine in place (no reload from disk), cast one tensor at a
-        time to the engine's dtype (fp32 master weights -> bf16 engine)."""
-        weights = ((name, t.detach().to(self.dtype)) for name, t in model.state_dict().items())
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    def sync_weights(self, weights) -> None:
+        """Copy the trainer's weights into the engine in place (no reload from disk); `weights` yields
+        (name, full tensor) pairs one at a time, so the engine takes them as they are gathered, each cast
+        to the engine's dtype (fp32 master weights -> bf16 engine)."""
+        cast = ((name, t.detach().to(self.dtype)) for name, t in weights)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": cast})
 
     def sleep(self) -> None:
         """After a rollout: level 1 frees the KV cache and moves vLLM's weights to CPU memory, so the
