@@ -243,7 +243,7 @@ def run_one(args) -> dict:
     from tipdistill.losses import DIVERGENCES, kept_token_loss
     from tipdistill.scoring import token_stats
     from tipdistill.selectors import SELECTORS
-    from tipdistill.train import response_hidden
+    from tipdistill.teacher import response_hidden
 
     p = json.loads(args.params)
     device = torch.device(args.device)

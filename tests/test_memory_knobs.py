@@ -13,7 +13,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from tipdistill.losses import kept_token_loss
 from tipdistill.models import resident_head
 from tipdistill.rollout import TokenRules, make_rollout
-from tipdistill.train import response_hidden
+from tipdistill.teacher import response_hidden
 
 V = 64
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tipdistill.rollout import TokenRules, make_rollout, token_rules
-from tipdistill.train import response_hidden
+from tipdistill.teacher import response_hidden
 
 PAD, EOS, EOS2 = 0, 1, 2
 RULES = TokenRules(stop_ids=(EOS, EOS2), pad_id=PAD, n_token_ids=30, context=16)

@@ -21,7 +21,8 @@ from tipdistill.rollout import generation_config_of, make_rollout, token_rules
 from tipdistill.scoring import quadrants, token_stats
 from tipdistill.tasks import build_task, encode_prompt
 from tipdistill.runtime import pick_device
-from tipdistill.train import build_engine, response_hidden, rollout_context
+from tipdistill.teacher import response_hidden
+from tipdistill.train import build_engine, rollout_context
 
 log = logging.getLogger(__name__)
 QUADRANT_MEANING = {"q1": "uncertain, teacher disagrees", "q2": "uncertain, teacher agrees",

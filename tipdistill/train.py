@@ -31,25 +31,10 @@ from tipdistill.scoring import normalise, quadrant_fractions, quadrants, token_s
 from tipdistill.selectors import SELECTORS
 from tipdistill.sinks import StepTimer, UpdateMemoryProbe, open_sink
 from tipdistill.tasks import build_task, decode_response, encode_prompt
+from tipdistill.teacher import Teacher, response_hidden
 from tipdistill.types import Rollout
 
 log = logging.getLogger(__name__)
-
-
-def response_hidden(model, rollout: Rollout, rows: slice) -> torch.Tensor:
-    """Final hidden states [b, T, H] at the positions that predict each response token.
-
-    The logit at column c scores the token at c + 1, so response token t (column Lp + t) is
-    predicted from column Lp + t - 1: the one-position shift.
-    """
-    Lp, T = rollout.prompt_len, rollout.response_mask_B_T.shape[1]
-    out = model.model(
-        input_ids=rollout.input_ids_B_L[rows],
-        attention_mask=rollout.attention_mask_B_L[rows],
-        position_ids=rollout.position_ids_B_L[rows],
-        use_cache=False,  # a scoring forward: building a KV cache would only cost memory
-    )
-    return out.last_hidden_state[:, Lp - 1 : Lp - 1 + T]
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -114,13 +99,11 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
     rules = token_rules(tokenizer, context, generation_config_of(student_path, cfg.model.trust_remote_code))
     student = models.load_model(str(resume_from or student_path), cfg.model.student_dtype, device, trainable=True,
                                 trust_remote_code=cfg.model.trust_remote_code)
-    teacher = models.load_model(teacher_path, cfg.model.dtype, device, trainable=False, trust_remote_code=cfg.model.trust_remote_code)
+    teacher_model = models.load_model(teacher_path, cfg.model.dtype, device, trainable=False, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.gradient_checkpointing:  # non-reentrant: works with the frozen inputs and the chunked loss
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
-    if cfg.teacher_offload:  # two-phase: the body visits the device only to score
-        t_head = models.resident_head(teacher, device)
-        teacher.model.to("cpu")
+    teacher = Teacher(teacher_model, runtime, offload=cfg.teacher_offload)
+    s_head, t_head = student.get_output_embeddings(), teacher.head
     selector = SELECTORS.get(cfg.selector.name)
     optimizer = build_optimizer(cfg, student.parameters())
     measured_step = UpdateMeter(optimizer)  # optimizer.step() plus optim/update_ratio
@@ -181,8 +164,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
                 n_response = int(mask_B_T.sum())
 
                 # --- [3] teacher: hidden states on the student's exact token ids, no grad
-                with timer("teacher"), torch.no_grad(), runtime.autocast(), models.visiting(teacher.model, device, cfg.teacher_offload):
-                    teacher_hidden_B_T_H = torch.cat([response_hidden(teacher, rollout, rows) for rows in micro])
+                with timer("teacher"):
+                    teacher_hidden_B_T_H = teacher.hidden_states(rollout, cfg.micro_batch_size)
 
                 probe = UpdateMemoryProbe(device)
                 with probe:

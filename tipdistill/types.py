@@ -35,6 +35,11 @@ class Rollout:
     def response_ids_B_T(self) -> torch.Tensor:
         return self.input_ids_B_L[:, self.prompt_len :]
 
+    def micro_batches(self, size: int) -> list[slice]:
+        """Row slices of at most `size` sequences: one forward (and backward) each."""
+        B = self.input_ids_B_L.shape[0]
+        return [slice(i, min(i + size, B)) for i in range(0, B, size)]
+
 
 @dataclass
 class TokenStats:
