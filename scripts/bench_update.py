@@ -2,15 +2,16 @@
 """Benchmark of one update step (issue 5): peak memory and latency of the peer-style all-token update
 against tipdistill's lean update (selector=full and selective keeps), on one fixed batch.
 
-What one "update step" is here, for every configuration:
-    teacher hidden states without grad -> student forward with grad -> (ours: token_stats no-grad
-    chunked -> selection) -> divergence -> backward -> clip_grad_norm_ -> AdamW step -> zero_grad.
-Our path is the update block of `tipdistill.train.train()` (single micro-batch case), with the same
-`response_hidden`, `token_stats`, `SELECTORS`, `kept_token_loss`; only the LR scheduler (a scalar
-multiply) is left out. The peer path is written out below (`peer_update`): full student logits [B,T,V]
-with grad and full teacher logits [B,T,V] (no grad), reverse KL (`DIVERGENCES["reverse_kl"]`, fp32)
-over `chunk` positions at a time, masked mean. Its teacher logits are taken on the response positions
-only (a peer projecting all prompt+response columns would use slightly more).
+What one "update step" is here, for every configuration: student forward with grad -> (ours: per-token
+statistics no-grad chunked -> selection) -> divergence -> backward -> clip_grad_norm_ -> AdamW step ->
+LR schedule -> zero_grad. Ours is `tipdistill.update.update_step` itself, the function the training loop
+calls, under a `TrainConfig` of the defaults with one micro-batch (the whole batch) and the preset's
+chunk; its phases are the ones it reports to the timer. The teacher's hidden states (stage 3, the same
+for both paths) are computed once at setup by `tipdistill.teacher.Teacher` and are not timed. The peer
+path is written out below (`peer_update`): full student logits [B,T,V] with grad and full teacher logits
+[B,T,V] (no grad, projected inside its step), reverse KL (`DIVERGENCES["reverse_kl"]`, fp32) over
+`chunk` positions at a time, masked mean. Its teacher logits are taken on the response positions only
+(a peer projecting all prompt+response columns would use slightly more).
 
 Every configuration runs in a fresh subprocess (`--one <config>`), which prints one `BENCH_JSON {...}`
 line; the parent builds the table. Models: Qwen2ForCausalLM from a Qwen2Config with random weights and
@@ -19,11 +20,11 @@ the Qwen vocabulary (151,936), no download. The selection uses real statistics o
 Memory, per configuration:
   * CUDA: `torch.cuda.reset_peak_memory_stats()` before each step, `max_memory_allocated()` after;
     peak = max over the timed steps; baseline = `memory_allocated()` after setup (weights + AdamW
-    state, no grads).
+    state + the teacher's hidden states, no grads).
   * CPU: peak = `resource.getrusage(RUSAGE_SELF).ru_maxrss` at the end of the child (the kernel's RSS
     high-water mark over the whole fresh process: setup + warm-up + timed steps); baseline = current
     RSS (/proc/self/statm) after setup (models built, AdamW state allocated by a zero-gradient step,
-    no grads). If the setup's own high-water mark is not exceeded by the steps, the row is flagged.
+    teacher hidden states, no grads). If the setup's own high-water mark is not exceeded by the steps, the row is flagged.
     Per-phase peaks on CPU come from a thread sampling /proc/self/statm every few ms (can miss
     spikes shorter than the interval; the ru_maxrss peak cannot). The parent never imports torch:
     Linux carries the pre-exec RSS high-water mark into the child's ru_maxrss, so a heavy parent
@@ -238,33 +239,39 @@ def make_batch(p: dict, device):
 def run_one(args) -> dict:
     import torch
 
-    # tipdistill's numerical modules import without Hydra/omegaconf/wandb/vLLM (a bare GPU box)
-    from tipdistill.config import SelectorConfig
-    from tipdistill.losses import DIVERGENCES, kept_token_loss
-    from tipdistill.scoring import token_stats
-    from tipdistill.selectors import SELECTORS
-    from tipdistill.teacher import response_hidden
+    # tipdistill's update step imports without Hydra/omegaconf/wandb/vLLM (a bare GPU box)
+    from tipdistill.config import LossConfig, ScoringConfig, SelectorConfig, TrainConfig
+    from tipdistill.losses import DIVERGENCES
+    from tipdistill.runtime import LocalRuntime
+    from tipdistill.teacher import Teacher, response_hidden
+    from tipdistill.update import Heads, make_optimizer, update_step
 
     p = json.loads(args.params)
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[p["dtype"]]
     name, keep = parse_config(args.one)
     cuda = device.type == "cuda"
+    # The training config of this configuration: the defaults, one micro-batch (the whole batch), the
+    # preset's chunk for the statistics and the loss. seed 1: the selection seeds of earlier versions.
+    cfg = TrainConfig(keep=keep, seed=1, device=args.device, micro_batch_size=p["batch"], gradient_checkpointing=p["grad_ckpt"],
+                      selector=SelectorConfig(name="full" if name == "peer" else name),
+                      scoring=ScoringConfig(chunk_size=p["chunk"]), loss=LossConfig(chunk_size=p["chunk"]))
+    runtime = LocalRuntime(device)
 
     t_setup = time.perf_counter()
     student, teacher = build_pair(p, device, dtype)
-    if p["grad_ckpt"]:
+    if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=3e-4, betas=(0.9, 0.98), weight_decay=0.0)
+    heads = Heads(student.get_output_embeddings(), teacher.get_output_embeddings())
+    optimizer, scheduler = make_optimizer(cfg, student)
     for prm in student.parameters():  # allocate the AdamW state now: a zero-gradient step is a no-op update
         prm.grad = torch.zeros_like(prm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     rollout = make_batch(p, device)
     mask_B_T = rollout.response_mask_B_T
-    micro = [slice(0, p["batch"])]  # micro_batch_size >= B: train.py's single micro-batch branch
-    chunk, vocab_width = p["chunk"], None
+    # [3] outside the timed step: both paths need the same teacher hidden states (the fixed batch, a frozen teacher)
+    teacher_hidden_B_T_H = Teacher(teacher, runtime).hidden_states(rollout, cfg.micro_batch_size)
     if cuda:
         torch.cuda.synchronize(device)
         baseline = torch.cuda.memory_allocated(device)
@@ -276,39 +283,11 @@ def run_one(args) -> dict:
     info: dict = {}
 
     def our_update(step: int) -> None:
-        selector = SELECTORS.get(name)
-        sel_cfg = SelectorConfig(name=name)
-        # --- [3] teacher: hidden states, no grad (train.py)
-        with meter.phase("teacher"), torch.no_grad():
-            teacher_hidden_B_T_H = torch.cat([response_hidden(teacher, rollout, rows) for rows in micro])
-        # --- [4a] student forward with grad; its detached output feeds the stats
-        with meter.phase("student_fwd"):
-            student_hidden = [response_hidden(student, rollout, micro[0])]
-            stats_hidden_B_T_H = student_hidden[0].detach()
-        with meter.phase("stats_select"):
-            stats = token_stats(stats_hidden_B_T_H, teacher_hidden_B_T_H, mask_B_T, s_head, t_head, chunk, vocab_width)
-            del stats_hidden_B_T_H
-            generator = torch.Generator(device="cpu").manual_seed(1_000_003 + step)
-            keep_mask_B_T = selector.select(stats, keep, sel_cfg, generator).to(device)
-        n_kept = int(keep_mask_B_T.sum())
-        # --- [5] loss on kept positions only; [6] update
-        for rows in micro:
-            hidden = student_hidden[0]
-            with meter.phase("loss_fwd"):
-                loss_sum, _ = kept_token_loss(hidden, teacher_hidden_B_T_H[rows], keep_mask_B_T[rows], s_head, t_head,
-                                              "reverse_kl", 0.5, chunk, vocab_width)
-                loss = loss_sum / max(1, n_kept)
-            with meter.phase("backward"):
-                loss.backward()
-            info["loss"] = float(loss.detach())
-            del hidden, loss_sum, loss
-        student_hidden = None
-        with meter.phase("optimizer"):
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        m = stats.mask_B_T
-        info.update(kept=n_kept, tokens=int(m.sum()), h_mean=float(stats.h_B_T[m].mean()), h_std=float(stats.h_B_T[m].std()),
+        result = update_step(student, heads, rollout, teacher_hidden_B_T_H, optimizer, scheduler, cfg=cfg, step=step,
+                             runtime=runtime, timer=meter.phase)
+        stats, keep_mask_B_T, m = result.stats, result.keep_mask_B_T, result.stats.mask_B_T
+        info.update(loss=result.metrics["train/loss"], kept=result.metrics["train/kept_tokens"], tokens=int(m.sum()),
+                    h_mean=float(stats.h_B_T[m].mean()), h_std=float(stats.h_B_T[m].std()),
                     rkl_mean=float(stats.rkl_B_T[m].mean()), rkl_std=float(stats.rkl_B_T[m].std()),
                     fkl_mean=float(stats.fkl_B_T[m].mean()),
                     kept_h_mean=float(stats.h_B_T[keep_mask_B_T].mean()), kept_rkl_mean=float(stats.rkl_B_T[keep_mask_B_T].mean()))
@@ -317,13 +296,12 @@ def run_one(args) -> dict:
 
     def peer_update(step: int) -> None:
         B, T = mask_B_T.shape
-        with meter.phase("teacher"), torch.no_grad():
-            t_hidden = torch.cat([response_hidden(teacher, rollout, rows) for rows in micro])
-            t_logits_BT_V = t_head(t_hidden).reshape(B * T, -1)  # full [B*T, V], no grad
-            del t_hidden
-        with meter.phase("student_fwd"):
-            s_logits_BT_V = s_head(response_hidden(student, rollout, micro[0])).reshape(B * T, -1)  # full, with grad
-        with meter.phase("loss_fwd"):
+        chunk = cfg.loss.chunk_size
+        with meter.phase("student_forward"):
+            s_logits_BT_V = heads.student(response_hidden(student, rollout, slice(0, B))).reshape(B * T, -1)  # full, with grad
+        with meter.phase("loss"):
+            with torch.no_grad():
+                t_logits_BT_V = heads.teacher(teacher_hidden_B_T_H).reshape(B * T, -1)  # full [B*T, V], no grad
             mask_BT = mask_B_T.reshape(-1)
             loss_sum = 0.0
             for s_C_V, t_C_V, m_C in zip(s_logits_BT_V.split(chunk), t_logits_BT_V.split(chunk), mask_BT.split(chunk)):
@@ -336,8 +314,9 @@ def run_one(args) -> dict:
         info.update(loss=float(loss.detach()), kept=n, tokens=n)
         del loss, loss_sum, s_logits_BT_V, t_logits_BT_V
         with meter.phase("optimizer"):
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
     update = peer_update if name == "peer" else our_update
@@ -561,7 +540,7 @@ def report(results: dict, p: dict, args, total_s: float) -> str:
                      + ("(allocator peak per phase)" if args.device == "cuda" else "(RSS sampled every ~3 ms)")
                      + " and phase times s, both from the first warm-up step; floor components GiB")
         lines.append("")
-        phases = ["teacher", "student_fwd", "stats_select", "loss_fwd", "backward", "optimizer"]
+        phases = ["student_forward", "statistics", "selection", "loss", "backward", "optimizer"]
         lines.append("| config | " + " | ".join(phases) + " | phase times s | floor: act / logits / t-hidden / emb-grad |")
         lines.append("|---|" + "---|" * (len(phases) + 2))
         for cfg, r in ok.items():

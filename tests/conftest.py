@@ -38,6 +38,30 @@ def hermetic_env(tmp_path_factory):
     return base
 
 
+def tiny_qwen(seed: int, *, vocab: int, layers: int, tied: bool):
+    """A random Qwen2ForCausalLM small enough for unit tests of the update path (hidden 32)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=tied)
+    return Qwen2ForCausalLM(cfg)
+
+
+def random_rollout(vocab: int, prompt_lens: tuple[int, ...], response_lens: tuple[int, ...]):
+    """A rollout batch of random ids, len(response_lens) / len(prompt_lens) responses per prompt."""
+    import torch
+
+    from tipdistill.rollout import TokenRules, make_rollout
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in prompt_lens]
+    responses = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in response_lens]
+    rules = TokenRules(stop_ids=(1,), pad_id=0, n_token_ids=vocab, context=max(prompt_lens) + max(response_lens) + 1)
+    return make_rollout(prompts, responses, len(responses) // len(prompts), rules)
+
+
 def compose(overrides: list[str] | None = None):
     """The real Hydra composition of conf/train.yaml, as the CLI does it."""
     from hydra import compose as hydra_compose

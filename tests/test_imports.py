@@ -101,3 +101,25 @@ def test_lazy_and_type_checking_imports_are_told_apart():
     assert "tipdistill.config" not in edges  # annotations only, under TYPE_CHECKING
     assert "tipdistill.registry" in edges
     assert "tipdistill.selectors" in import_graph()["tipdistill.config"]  # the lazy import in validation counts
+
+
+def test_the_update_step_imports_with_torch_and_transformers_only():
+    """The GPU box that runs scripts/gpu_checks.sh has torch + transformers only: the update step, the
+    teacher and everything they import must not need Hydra, omegaconf, W&B or vLLM."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in ('hydra', 'omegaconf', 'wandb', 'vllm'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import tipdistill.update, tipdistill.teacher, tipdistill.runtime\n"
+        "from tipdistill.config import TrainConfig\n"
+        "TrainConfig()\n"  # validation imports every registry
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PKG.parent)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

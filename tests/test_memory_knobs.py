@@ -8,28 +8,21 @@ and the offloaded teacher keeps a working LM head on the device even when its em
 from __future__ import annotations
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from conftest import random_rollout, tiny_qwen
 from tipdistill.losses import kept_token_loss
 from tipdistill.models import resident_head
-from tipdistill.rollout import TokenRules, make_rollout
 from tipdistill.teacher import response_hidden
 
 V = 64
 
 
-def tiny(seed: int, tied: bool) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=tied)
-    return Qwen2ForCausalLM(cfg)
+def tiny(seed: int, tied: bool):
+    return tiny_qwen(seed, vocab=V, layers=3, tied=tied)
 
 
 def batch():
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, V, (n,), generator=g).tolist() for n in (5, 7)]
-    responses = [torch.randint(3, V, (n,), generator=g).tolist() for n in (9, 4, 6, 9)]
-    return make_rollout(prompts, responses, 2, TokenRules(stop_ids=(1,), pad_id=0, n_token_ids=V, context=128))
+    return random_rollout(V, (5, 7), (9, 4, 6, 9))
 
 
 def loss_and_grads(student, teacher, rollout, *, saved: list | None = None, autocast: bool = False):

@@ -84,15 +84,16 @@ def _typed(tmp_path, extra=()):
 
 def test_non_finite_loss_is_skipped_and_counted(tmp_path, tiny_pair, monkeypatch):
     import tipdistill.train as tr
+    import tipdistill.update as up
 
-    real, calls = tr.kept_token_loss, {"n": 0}
+    real, calls = up.kept_token_loss, {"n": 0}
 
     def nan_on_second_step(*args, **kwargs):
         calls["n"] += 1
         loss_sum, n = real(*args, **kwargs)
         return (loss_sum * float("nan"), n) if calls["n"] == 2 else (loss_sum, n)
 
-    monkeypatch.setattr(tr, "kept_token_loss", nan_on_second_step)
+    monkeypatch.setattr(up, "kept_token_loss", nan_on_second_step)
     tr.train(_typed(tmp_path, ["steps=3"]), tmp_path)
     m = metrics(tmp_path)
     assert [x["train/skipped_steps"] for x in m[1:]] == [0, 1, 1]
@@ -101,9 +102,10 @@ def test_non_finite_loss_is_skipped_and_counted(tmp_path, tiny_pair, monkeypatch
 
 def test_repeated_non_finite_steps_stop_with_a_checkpoint(tmp_path, tiny_pair, monkeypatch):
     import tipdistill.train as tr
+    import tipdistill.update as up
 
-    real = tr.kept_token_loss
-    monkeypatch.setattr(tr, "kept_token_loss", lambda *a, **k: (real(*a, **k)[0] * float("inf"), 1))
+    real = up.kept_token_loss
+    monkeypatch.setattr(up, "kept_token_loss", lambda *a, **k: (real(*a, **k)[0] * float("inf"), 1))
     with pytest.raises(tr.TrainingStopped, match="2 steps in a row had a non-finite"):
         tr.train(_typed(tmp_path, ["steps=5", "max_consecutive_skips=2", "checkpoint_every=0"]), tmp_path)
     from tipdistill.checkpoint import latest

@@ -8,21 +8,17 @@ quadrant mix with per-quadrant means: the reference a team keeps before choosing
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
 import torch
-from transformers import AutoTokenizer
 
-from tipdistill import models
 from tipdistill.config import TrainConfig
-from tipdistill.rollout import generation_config_of, make_rollout, token_rules
-from tipdistill.scoring import quadrants, token_stats
-from tipdistill.tasks import build_task, encode_prompt
-from tipdistill.runtime import pick_device
-from tipdistill.teacher import response_hidden
-from tipdistill.train import build_engine, rollout_context
+from tipdistill.pipeline import build_engine, load_pair, sample_rollouts
+from tipdistill.runtime import LocalRuntime
+from tipdistill.scoring import quadrants
+from tipdistill.tasks import build_task
+from tipdistill.update import statistics
 
 log = logging.getLogger(__name__)
 QUADRANT_MEANING = {"q1": "uncertain, teacher disagrees", "q2": "uncertain, teacher agrees",
@@ -31,27 +27,18 @@ QUADRANT_MEANING = {"q1": "uncertain, teacher disagrees", "q2": "uncertain, teac
 
 @torch.no_grad()
 def taxonomy(cfg: TrainConfig) -> pd.DataFrame:
-    device = pick_device(cfg.device)
+    """The quadrant table over the held-out prompts, with the pipeline's own set-up, teacher and statistics."""
+    runtime = LocalRuntime.from_config(cfg)
     task = build_task(cfg.task)
-    student_path, teacher_path = models.resolve_pair(cfg)
-    vocab_width = models.check_pair(student_path, teacher_path, cfg.model.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(student_path)
-    student = models.load_model(student_path, cfg.model.dtype, device, trainable=False)
-    teacher = models.load_model(teacher_path, cfg.model.dtype, device, trainable=False)
-    rules = token_rules(tokenizer, rollout_context(cfg, student_path), generation_config_of(student_path, cfg.model.trust_remote_code))
-    engine = build_engine(cfg, student, rules, student_path, device, nullcontext)  # both models already in model.dtype
+    pair = load_pair(cfg, runtime, trainable=False)
+    engine = build_engine(cfg, pair, runtime)
     problems = task.eval_problems()
-    G = cfg.rollouts_per_prompt
     rows = []
     for start in range(0, len(problems), cfg.prompts_per_step):
-        batch = problems[start : start + cfg.prompts_per_step]
-        prompt_ids = [encode_prompt(tokenizer, p.prompt, cfg.model.chat_template_kwargs) for p in batch]
-        responses = engine.generate(prompt_ids, G, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                    top_k=cfg.rollout.top_k, max_tokens=cfg.rollout.max_completion_length, seed=cfg.seed + start)
-        r = make_rollout(prompt_ids, responses, G, rules)
-        all_rows = slice(0, len(responses))
-        stats = token_stats(response_hidden(student, r, all_rows), response_hidden(teacher, r, all_rows), r.response_mask_B_T,
-                            student.get_output_embeddings(), teacher.get_output_embeddings(), cfg.scoring.chunk_size, vocab_width)
+        _, rollout = sample_rollouts(engine, pair.tokenizer, problems[start : start + cfg.prompts_per_step], cfg,
+                                     seed=cfg.seed + start, runtime=runtime)
+        teacher_hidden_B_T_H = pair.teacher.hidden_states(rollout, cfg.micro_batch_size)
+        stats, _ = statistics(pair.student, rollout, teacher_hidden_B_T_H, pair.heads, cfg, runtime)
         q = quadrants(stats, cfg.scoring.entropy_threshold, cfg.scoring.rkl_threshold)
         m = stats.mask_B_T
         rows.append(pd.DataFrame({"quadrant": q[m].tolist(), "h": stats.h_B_T[m].tolist(),

@@ -282,10 +282,12 @@ class StepTimer:
     """`with timer("rollout"): ...` adds the seconds to `timer.metrics["time/rollout_s"]`.
 
     A phase entered twice in one step (micro-batches) accumulates; `pop()` returns and resets.
+    `groups` maps finer phases onto one metric (update.PHASES: the update step's phases -> update/select).
     """
 
-    def __init__(self, metrics: Optional[dict] = None):
+    def __init__(self, metrics: Optional[dict] = None, groups: Optional[dict[str, str]] = None):
         self.metrics = {} if metrics is None else metrics
+        self.groups = groups or {}
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
@@ -295,7 +297,7 @@ class StepTimer:
             yield
         finally:
             _cuda_sync()
-            key = f"time/{phase}_s"
+            key = f"time/{self.groups.get(phase, phase)}_s"
             self.metrics[key] = self.metrics.get(key, 0.0) + time.perf_counter() - t0
 
     def pop(self) -> dict:

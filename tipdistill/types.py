@@ -40,6 +40,11 @@ class Rollout:
         B = self.input_ids_B_L.shape[0]
         return [slice(i, min(i + size, B)) for i in range(0, B, size)]
 
+    def to(self, device: torch.device) -> "Rollout":
+        """The batch tensors on `device` (the per-sequence flags stay where they are: only metrics read them)."""
+        return Rollout(self.input_ids_B_L.to(device), self.attention_mask_B_L.to(device), self.response_mask_B_T.to(device),
+                       self.prompt_len, self.truncated_B, self.prompt_index_B)
+
 
 @dataclass
 class TokenStats:

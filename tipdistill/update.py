@@ -1,0 +1,173 @@
+"""[4a]-[6] One update step: student forward, per-token statistics, selection, kept-token loss,
+backward, gradient clipping, optimizer step.
+
+`update_step` is the only copy of this code: the training loop calls it every step,
+scripts/bench_update.py times it, and `analyze` uses its `statistics`. Two seams are explicit:
+`loss_fn` (the kept-token loss, `losses.kept_token_loss` by default, any function with its signature)
+and `runtime` (every cross-process reduction: the kept count the loss divides by, the token counts).
+Imports torch and transformers only (no Hydra, W&B or vLLM), so it runs on a bare GPU box.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ContextManager, Optional
+
+import torch
+
+from tipdistill.losses import kept_token_loss
+from tipdistill.numerics import Head
+from tipdistill.precision import UpdateMeter, build_optimizer
+from tipdistill.runtime import Runtime
+from tipdistill.scoring import quadrant_fractions, quadrants, token_stats
+from tipdistill.selectors import SELECTORS
+from tipdistill.teacher import response_hidden
+from tipdistill.types import Rollout, TokenStats
+
+if TYPE_CHECKING:
+    from tipdistill.config import TrainConfig
+
+Timer = Callable[[str], ContextManager]  # timer(phase) -> context manager, e.g. sinks.StepTimer
+
+# The phases update_step reports to its timer, and the loop metric each one adds to
+# (time/update_s = student forward + loss + backward + optimizer; time/select_s = statistics + selection).
+PHASES = {"student_forward": "update", "statistics": "select", "selection": "select", "loss": "update", "backward": "update",
+          "optimizer": "update"}
+
+
+def _untimed(phase: str) -> ContextManager:
+    return nullcontext()
+
+
+@dataclass
+class Heads:
+    """The two LM heads and the vocabulary prefix they share (`models.check_pair`; None = all of it)."""
+
+    student: Head
+    teacher: Head
+    vocab_width: Optional[int] = None
+
+
+@dataclass
+class StepResult:
+    """What one update step hands back to the loop."""
+
+    metrics: dict[str, float]  # train/*, select/*, score/*, optim/*
+    stats: TokenStats  # [4a] per-token statistics, for the token dumps
+    keep_mask_B_T: torch.Tensor  # bool [B, T], the tokens trained on
+    finite: bool  # loss and gradient norm were finite (a non-finite step is skipped, not applied)
+
+
+def make_optimizer(cfg: TrainConfig, student: torch.nn.Module):
+    """AdamW over the student (the dtype policy's: tipdistill/precision.py) and its schedule (linear warmup,
+    then constant or cosine), as (optimizer, scheduler)."""
+    optimizer = build_optimizer(cfg, student.parameters())
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < cfg.optim.warmup_steps:
+            return (step + 1) / (cfg.optim.warmup_steps + 1)
+        if cfg.optim.schedule == "cosine":
+            progress = (step - cfg.optim.warmup_steps) / max(1, cfg.steps - cfg.optim.warmup_steps)
+            return cfg.optim.min_lr_ratio + (1 - cfg.optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return f
+
+
+def statistics(student, rollout: Rollout, teacher_hidden_B_T_H: torch.Tensor, heads: Heads, cfg: TrainConfig,
+               runtime: Runtime, timer: Timer = _untimed) -> tuple[TokenStats, Optional[torch.Tensor]]:
+    """[4a] h, rkl, fkl of every response token (no grad, chunked), and the student's hidden states with
+    grad when the batch is one micro-batch (that forward then feeds the statistics and the loss).
+
+    With several micro-batches the statistics need the whole batch before any loss, so the student
+    runs once without grad here and again, per micro-batch, with grad in the loss.
+    """
+    micro = rollout.micro_batches(cfg.micro_batch_size)
+    hidden_B_T_H = None
+    with timer("student_forward"), runtime.autocast():
+        if len(micro) == 1:
+            hidden_B_T_H = response_hidden(student, rollout, micro[0])
+            stats_hidden_B_T_H = hidden_B_T_H.detach()
+        else:
+            with torch.no_grad():
+                stats_hidden_B_T_H = torch.cat([response_hidden(student, rollout, rows) for rows in micro])
+    with timer("statistics"), runtime.autocast():
+        stats = token_stats(stats_hidden_B_T_H, teacher_hidden_B_T_H, rollout.response_mask_B_T, heads.student,
+                            heads.teacher, cfg.scoring.chunk_size, heads.vocab_width)
+    return stats, hidden_B_T_H
+
+
+def update_step(student, heads: Heads, rollout: Rollout, teacher_hidden_B_T_H: torch.Tensor, optimizer, scheduler, *,
+                cfg: TrainConfig, step: int, runtime: Runtime, timer: Timer = _untimed,
+                loss_fn: Optional[Callable] = None) -> StepResult:
+    """Stages [4a]-[6] on one batch of rollouts; the optimizer steps unless the loss or gradient is
+    non-finite or nothing was kept. `step` seeds the selection (with cfg.seed), so runs reproduce.
+
+    `loss_fn` has `losses.kept_token_loss`'s signature and returns (loss_sum, count); the mean is over
+    the kept tokens of the whole batch (TIP Eq. 9), summed across processes by `runtime`.
+    """
+    loss_fn = loss_fn or kept_token_loss
+    micro = rollout.micro_batches(cfg.micro_batch_size)  # gradients accumulate over them
+    stats, hidden_B_T_H = statistics(student, rollout, teacher_hidden_B_T_H, heads, cfg, runtime, timer)
+
+    # --- [4b] selection: which response tokens the update trains on
+    with timer("selection"):
+        generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + step)
+        selector = SELECTORS.get(cfg.selector.name)
+        keep_mask_B_T = selector.select(stats, cfg.keep, cfg.selector, generator).to(runtime.device)
+    n_kept = runtime.sum(int(keep_mask_B_T.sum()))
+    n_response = runtime.sum(int(rollout.response_mask_B_T.sum()))
+
+    # --- [5] loss on kept positions only, mean over kept tokens; backward per micro-batch
+    loss_total = 0.0
+    for rows in micro:
+        with timer("loss"), runtime.autocast():
+            hidden = hidden_B_T_H if len(micro) == 1 else response_hidden(student, rollout, rows)
+            loss_sum, _ = loss_fn(hidden, teacher_hidden_B_T_H[rows], keep_mask_B_T[rows], heads.student, heads.teacher,
+                                  cfg.loss.name, cfg.loss.beta, cfg.loss.chunk_size, heads.vocab_width)
+        loss = loss_sum / max(1, n_kept)  # TIP Eq. 9: divide by kept, not by all tokens
+        with timer("backward"):
+            loss.backward()
+        loss_total += float(loss.detach())
+        del hidden, loss_sum, loss
+    hidden_B_T_H = None  # the graph is gone; free the activations before the optimizer allocates
+
+    # --- [6] clip, step (skipped when non-finite), zero the gradients
+    with timer("optimizer"):
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip))
+        lr = scheduler.get_last_lr()[0]
+        finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
+        update_m = UpdateMeter.NO_STEP
+        if finite and n_kept > 0:
+            update_m = UpdateMeter(optimizer)()  # optimizer.step(), plus optim/update_ratio of what it applied
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    metrics = {"train/loss": loss_total, "train/response_tokens": n_response, "train/kept_tokens": n_kept,
+               "select/keep_frac": n_kept / max(1, n_response), "optim/lr": lr, "optim/grad_norm": grad_norm, **update_m,
+               **token_metrics(stats, keep_mask_B_T, cfg)}
+    return StepResult(metrics, stats, keep_mask_B_T, finite)
+
+
+@torch.no_grad()
+def token_metrics(stats: TokenStats, keep_mask_B_T: torch.Tensor, cfg: TrainConfig) -> dict[str, float]:
+    """Score means, the quadrant mix of all and of kept tokens, and each quadrant's share of the loss."""
+    mask = stats.mask_B_T
+    n = max(1, int(mask.sum()))
+    q_B_T = quadrants(stats, cfg.scoring.entropy_threshold, cfg.scoring.rkl_threshold)
+    out = {"score/entropy_mean": float(stats.h_B_T.sum() / n), "score/rkl_mean": float(stats.rkl_B_T.sum() / n),
+           "score/fkl_mean": float(stats.fkl_B_T.sum() / n)}
+    out.update({f"select/quadrant_frac/{k}": v for k, v in quadrant_fractions(q_B_T, mask).items()})
+    out.update({f"select/kept_quadrant_frac/{k}": v for k, v in quadrant_fractions(q_B_T, keep_mask_B_T).items()})
+    per_token = {"reverse_kl": stats.rkl_B_T, "forward_kl": stats.fkl_B_T}.get(cfg.loss.name)
+    if per_token is not None:  # jsd has no stat of its own here
+        kept_loss = per_token * keep_mask_B_T
+        total = float(kept_loss.sum())
+        for qi in range(1, 5):
+            out[f"select/loss_share/q{qi}"] = float(kept_loss[q_B_T == qi].sum()) / total if total > 0 else 0.0
+    return out
