@@ -10,9 +10,9 @@ from omegaconf import OmegaConf
 
 import tipdistill
 from conftest import compose
-from tipdistill.config import ConfigError, TaskConfig
+from tipdistill.errors import ConfigError
 from tipdistill.tasks import Problem, build_task
-from tipdistill.tasks.planning import cell_name, check, greedy_route, parse_cell, render
+from tipdistill.tasks.planning import PlanningConfig, cell_name, check, greedy_route, parse_cell, render
 
 
 def _charset() -> str:
@@ -28,7 +28,7 @@ CHARSET = _charset()
 
 
 def planning(**kw) -> object:
-    return build_task(TaskConfig(name="planning", digits=kw.pop("digits", [1, 2, 3]), **kw))
+    return build_task(PlanningConfig(**kw))
 
 
 # a -> m -> t, never b or n, at most 8 moves: 6 constraints (legal, stop, goal, 2 x avoid, budget)
@@ -118,17 +118,18 @@ def test_held_out_split_is_fixed_and_excluded_from_training():
     assert [p.prompt for p in other.eval_problems()] != [p.prompt for p in held]
 
 
-def test_problem_size_comes_from_task_digits():
-    task = planning(digits=[5], eval_size=20)
+def test_problem_size_comes_from_task_forbidden_cells():
+    task = planning(forbidden_cells=[5], eval_size=20)
     assert {len(p.meta["forbidden"]) for p in task.eval_problems() + task.train_problems(random.Random(0), 50)} == {5}
-    with pytest.raises(ConfigError, match="task.digits is the number of forbidden cells"):
-        planning(digits=[11])
+    for bad in ([11], [0]):
+        with pytest.raises(ConfigError, match="task.forbidden_cells is the number of forbidden cells"):
+            planning(forbidden_cells=bad)
 
 
 def test_hydra_task_group_builds_the_planning_task():
     cfg = compose(["task=planning"])  # the typed task node only: full validation would import torch
     task_cfg = OmegaConf.to_object(cfg.task)
-    assert isinstance(task_cfg, TaskConfig) and task_cfg.name == "planning" and task_cfg.digits == [1, 2, 3]
+    assert isinstance(task_cfg, PlanningConfig) and task_cfg.name == "planning" and task_cfg.forbidden_cells == [1, 2, 3]
     task = build_task(task_cfg)
     assert len(task.eval_problems()) == task_cfg.eval_size
     assert max(len(task.solution(p)) for p in task.eval_problems()) + 1 <= cfg.rollout.max_completion_length

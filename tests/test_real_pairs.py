@@ -105,9 +105,9 @@ def compose_many(override_lists: list[list[str]], hydra_config: bool = False) ->
 
 
 def task_cfg(name: str, path: str, **kw):
-    from tipdistill.config import TaskConfig
+    from tipdistill.tasks.math import MathConfig
 
-    return TaskConfig(name=name, path=path, **{"eval_size": 3, **kw})
+    return MathConfig(name=name, path=path, **{"eval_size": 3, **kw})
 
 
 # --- 1. presets -------------------------------------------------------------------------------------
@@ -324,17 +324,18 @@ def test_seeded_split_is_fixed_nested_and_disjoint(data):
 
 def test_separate_eval_source_when_the_config_has_one(data):
     """Train on DAPO, evaluate on MATH-500 (the paper's setup)."""
-    from tipdistill.config import ConfigError, TaskConfig
+    from tipdistill.errors import ConfigError
+    from tipdistill.tasks.math import MathConfig
     from tipdistill.tasks.math import MathTask
 
     cfg = dict(name="dapo_math", path=data["dapo_math", "parquet"], eval_size=3, eval_seed=7,
                eval_path=data["math500", "jsonl"], eval_name="math500")
-    t = MathTask(TaskConfig(**cfg))
+    t = MathTask(MathConfig(**cfg))
     assert len(t.eval_problems()) == 3 and all(p.meta["source"] == cfg["eval_path"] for p in t.eval_problems())
     held = {p.meta["problem"] for p in t.eval_problems()}
     assert len(t._train) == 5 and not held & {p.meta["problem"] for p in t._train}  # decontaminated by problem text
     with pytest.raises(ConfigError, match="none of the 8 problems .* is left to train on: 8 are held out"):
-        MathTask(TaskConfig(**{**cfg, "eval_size": 30}))
+        MathTask(MathConfig(**{**cfg, "eval_size": 30}))
 
 
 @pytest.mark.parametrize("content, message", [

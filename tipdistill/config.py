@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from tipdistill.errors import ConfigError
+from tipdistill.tasks import TaskConfig
+from tipdistill.tasks.arithmetic import ArithmeticConfig
 
 # hydra/omegaconf are imported inside the functions that need them, so the numerical modules
 # (scoring, selectors, losses) import on machines with only torch (e.g. a bare GPU box).
@@ -88,24 +90,6 @@ class ModelConfig:
         if self.embedded is None:
             _check(self.student is not None and self.teacher is not None,
                    "model.student and model.teacher must be set for a non-embedded pair (a hub id or a local directory)")
-
-
-@dataclass
-class TaskConfig:
-    """[1] Where prompts come from and how answers are checked."""
-
-    name: str = "arithmetic"
-    digits: list[int] = field(default_factory=lambda: [2, 3, 4])  # arithmetic: operand lengths
-    eval_size: int = 300  # held-out problems, excluded from every training stream
-    eval_seed: int = 7
-    path: Optional[str] = None  # a local jsonl/parquet file or a hub data set name (real tasks)
-    split: Optional[str] = None  # hub split to read (default per task: MATH-500 test, GSM8K train, ...)
-    eval_path: Optional[str] = None  # a separate held-out source, e.g. MATH-500 while training on dapo_math
-    eval_name: Optional[str] = None  # schema of eval_path: math500|aime24|aime25|gsm8k|dapo_math (default: name)
-
-    def __post_init__(self) -> None:
-        _check(self.eval_size > 0, f"task.eval_size must be > 0, got {self.eval_size}")
-        _check(all(d > 0 for d in self.digits), f"task.digits must be positive, got {self.digits}")
 
 
 @dataclass
@@ -227,7 +211,7 @@ class TrainConfig:
     """[0] The primary config of `tipdistill train`."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
+    task: TaskConfig = field(default_factory=ArithmeticConfig)  # each task's own schema: tipdistill/tasks/
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     selector: SelectorConfig = field(default_factory=SelectorConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
@@ -289,14 +273,27 @@ def _check_names(cfg: TrainConfig) -> None:
     for registry, name in ((SELECTORS, cfg.selector.name), (DIVERGENCES, cfg.loss.name), (ENGINES, cfg.rollout.engine),
                            (TASKS, cfg.task.name), (SINKS, cfg.logger.name)):
         _check(name in registry, registry.unknown(name))
+    own = TASKS.get(cfg.task.name).config
+    _check(isinstance(cfg.task, own), f"task.name={cfg.task.name} does not match the task fields of {type(cfg.task).__name__}; "
+                                      f"fix: choose the task with task={cfg.task.name} (the config group), not task.name=")
 
 
 def register_configs() -> None:
-    """Make the schemas available to Hydra's defaults lists (conf/train.yaml names `base_train`)."""
+    """Make the schemas available to Hydra's defaults lists: `base_train` (conf/train.yaml) and one
+    `<task>_schema` per task (conf/task/<task>.yaml starts from its own)."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from tipdistill.tasks import TASKS
 
     cs = ConfigStore.instance()
-    cs.store(name="base_train", node=TrainConfig)
+    base = OmegaConf.structured(TrainConfig)
+    # The task node is typed by the base class, so that whichever task schema the task group picks
+    # can merge into it (a merge may narrow a node to a subclass, never switch between siblings).
+    base.task = OmegaConf.structured(TaskConfig)
+    cs.store(name="base_train", node=base)
+    for name in TASKS:
+        cs.store(group="task", name=f"{name}_schema", node=TASKS.get(name).config)
 
 
 def validate(cfg) -> TrainConfig:

@@ -22,11 +22,11 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from tipdistill.config import EmbeddedConfig, NetConfig, TaskConfig
+from tipdistill.config import EmbeddedConfig, NetConfig
 from tipdistill.evaluate import evaluate
 from tipdistill.rollout import token_rules
 from tipdistill.rollout.hf_engine import HFEngine
-from tipdistill.tasks import Task, build_task, encode_prompt
+from tipdistill.tasks import Task, TaskConfig, build_task, encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +135,20 @@ def pretrain(model, tokenizer, task: Task, net: NetConfig, seed: int, max_new_to
     return {"steps": step + 1, "final_loss": float(loss.item()), "seconds": seconds, "held_out": held_out}
 
 
+# Pairs prepared before each task owned its config fields hashed one flat task config holding every
+# task's fields, null where a task had none, and planning's cell counts under the name `digits`.
+# Hashing a task's fields in that layout keeps every pair prepared since then valid.
+_FLAT_TASK_FIELDS = ("digits", "path", "split", "eval_path", "eval_name")
+_FLAT_NAMES = {"forbidden_cells": "digits"}
+
+
 def cache_key(emb: EmbeddedConfig, task_cfg: TaskConfig, max_new_tokens: int) -> str:
+    task = dict.fromkeys(_FLAT_TASK_FIELDS)
+    task.update({_FLAT_NAMES.get(k, k): v for k, v in asdict(task_cfg).items()})
     blob = json.dumps(
         {"v": FORMAT_VERSION, "emb": {k: v for k, v in asdict(emb).items() if k != "cache_dir"},
          **({"wide": "padded-from-narrow"} if emb.vocab_pad_to else {}),
-         "task": asdict(task_cfg), "max_new_tokens": max_new_tokens, "charset": CHARSET},
+         "task": task, "max_new_tokens": max_new_tokens, "charset": CHARSET},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

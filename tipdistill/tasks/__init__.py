@@ -2,14 +2,19 @@
 
 A task yields `Problem`s (a prompt and what the checker needs) for training and a fixed held-out
 split for evaluation, and scores a decoded response in [0, 1] (1.0 = fully correct).
+
+Each task owns its config fields: a `TaskConfig` subclass named by the task class's `config`
+attribute, registered with Hydra as the schema `<name>_schema` that conf/task/<name>.yaml starts from.
+Adding a task is one class (and its config) plus a registry entry and a YAML file.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar, Protocol
 
+from tipdistill.errors import ConfigError
 from tipdistill.registry import Registry
 
 TASKS = Registry("task", "task.name")
@@ -22,8 +27,22 @@ class Problem:
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
 
+@dataclass
+class TaskConfig:
+    """[1] The fields every task has; a task adds its own in a subclass."""
+
+    name: str = "arithmetic"
+    eval_size: int = 300  # held-out problems, excluded from every training stream
+    eval_seed: int = 7
+
+    def __post_init__(self) -> None:
+        if self.eval_size <= 0:
+            raise ConfigError(f"task.eval_size must be > 0, got {self.eval_size}")
+
+
 class Task(Protocol):
     name: str
+    config: ClassVar[type[TaskConfig]]  # its config schema
 
     def train_problems(self, rng: random.Random, n: int) -> list[Problem]:
         """n fresh training problems, never from the held-out split."""
@@ -38,8 +57,8 @@ class Task(Protocol):
         """A reference response (used to pre-train the embedded pair)."""
 
 
-def build_task(cfg) -> Task:
-    """Instantiate the task named by `cfg.name` from its TaskConfig."""
+def build_task(cfg: TaskConfig) -> Task:
+    """Instantiate the task named by `cfg.name` from its config (an instance of that task's `config`)."""
     return TASKS.get(cfg.name)(cfg)
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass, field
 
-from tipdistill.tasks import Problem
+from tipdistill.errors import ConfigError
+from tipdistill.tasks import Problem, TaskConfig
 
 _ANSWER_RE = re.compile(r"ANSWER (-?\d+)")
 
@@ -33,8 +35,22 @@ def extract_answer(response: str) -> str | None:
     return found[-1] if found else None
 
 
+@dataclass
+class ArithmeticConfig(TaskConfig):
+    """`task=arithmetic`: the operand lengths (the held-out split is spread evenly over them)."""
+
+    name: str = "arithmetic"
+    digits: list[int] = field(default_factory=lambda: [2, 3, 4])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not all(d > 0 for d in self.digits):
+            raise ConfigError(f"task.digits must be positive, got {self.digits}")
+
+
 class ArithmeticTask:
     name = "arithmetic"
+    config = ArithmeticConfig
 
     def __init__(self, cfg):
         self.digits = list(cfg.digits)

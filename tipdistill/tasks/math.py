@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tipdistill.errors import ConfigError
-from tipdistill.tasks import THINK_CLOSE, THINK_OPEN, Problem
+from tipdistill.tasks import THINK_CLOSE, THINK_OPEN, Problem, TaskConfig
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -281,10 +281,23 @@ def score_response(gold: str, response: str) -> float:
 
 # --- the task -----------------------------------------------------------------------------------
 
+@dataclass
+class MathConfig(TaskConfig):
+    """`task=math500|aime24|aime25|gsm8k|dapo_math`: where the problems come from (see the module doc)."""
+
+    name: str = "math500"
+    path: Optional[str] = None  # a local jsonl/parquet file or a hub data set name (default: the task's hub set)
+    split: Optional[str] = None  # hub split to read (default per task: MATH-500 test, GSM8K train, ...)
+    eval_path: Optional[str] = None  # a separate held-out source, e.g. MATH-500 while training on dapo_math
+    eval_name: Optional[str] = None  # schema of eval_path: math500|aime24|aime25|gsm8k|dapo_math (default: name)
+
+
 class MathTask:
     """One registered name per data set (math500, aime24, aime25, gsm8k, dapo_math); see the module doc."""
 
-    def __init__(self, cfg):
+    config = MathConfig
+
+    def __init__(self, cfg: MathConfig):
         self.name = cfg.name
         if cfg.name not in SCHEMAS:
             raise ConfigError(f"no math schema for task '{cfg.name}'; valid: {', '.join(sorted(SCHEMAS))}")

@@ -38,7 +38,7 @@ Constraints (each satisfied or not; the score is the satisfied fraction, 1.0 = a
 A response that does not parse as a `;`-separated sequence of moves with at least one executed move
 scores 0.
 
-`task.digits` is reused as the problem size: the number of forbidden cells (the held-out split is
+`task.forbidden_cells` is the problem size: the number of forbidden cells (the held-out split is
 spread evenly over it, as arithmetic spreads over operand lengths).
 """
 
@@ -46,13 +46,15 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass, field
 
-from tipdistill.tasks import Problem
+from tipdistill.errors import ConfigError
+from tipdistill.tasks import Problem, TaskConfig
 
 SIZE = 5  # grid side; cells a..y
 MAX_MOVES = 12  # longest reference plan in executed moves (responses stay under 40 tokens)
 MAX_SLACK = 2  # budget = shortest length + 0..MAX_SLACK
-MAX_FORBIDDEN = 10  # largest task.digits entry
+MAX_FORBIDDEN = 10  # largest task.forbidden_cells entry (prompts stay under 60 characters)
 ON_ROUTE = 0.8  # chance that one forbidden cell is drawn on the unconstrained route (then it often matters)
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DIRS = {">": (1, 0), "<": (-1, 0), "+": (0, 1), "-": (0, -1)}
@@ -138,16 +140,26 @@ def check(meta: dict, response: str) -> dict[str, bool] | None:
     return out
 
 
+@dataclass
+class PlanningConfig(TaskConfig):
+    """`task=planning`: the problem sizes, as numbers of forbidden cells."""
+
+    name: str = "planning"
+    forbidden_cells: list[int] = field(default_factory=lambda: [1, 2, 3])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not all(0 < k <= MAX_FORBIDDEN for k in self.forbidden_cells):
+            raise ConfigError(f"task.forbidden_cells is the number of forbidden cells per planning problem, from 1 to {MAX_FORBIDDEN} "
+                              f"(prompts stay under 60 characters); got {self.forbidden_cells}")
+
+
 class PlanningTask:
     name = "planning"
+    config = PlanningConfig
 
-    def __init__(self, cfg):
-        self.sizes = list(cfg.digits)  # forbidden cells per problem
-        if any(k > MAX_FORBIDDEN for k in self.sizes):
-            from tipdistill.errors import ConfigError
-
-            raise ConfigError(f"task.digits is the number of forbidden cells per planning problem, at most {MAX_FORBIDDEN} "
-                              f"(prompts stay under 60 characters); got {self.sizes}")
+    def __init__(self, cfg: PlanningConfig):
+        self.sizes = list(cfg.forbidden_cells)
         self._eval = self._held_out(cfg.eval_size, cfg.eval_seed)
         self._eval_keys = {self._key(p.meta) for p in self._eval}
 
