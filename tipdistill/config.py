@@ -1,8 +1,10 @@
 """[0] Typed config schemas, validated once at start-up.
 
-Every YAML file under conf/ merges into these dataclasses, so an unknown key or a wrongly typed
-value fails at composition time (Hydra's error). `validate(cfg)` then runs the range checks in
-`__post_init__` and raises `ConfigError` with one line that says what is wrong and how to fix it.
+The one source of every default: the YAML files under conf/ name an option and set only what differs
+from these dataclasses (each task's own fields are in tipdistill/tasks/). Every YAML file merges into
+them, so an unknown key or a wrongly typed value fails at composition time (Hydra's error).
+`validate(cfg)` then runs the range checks in `__post_init__` and raises `ConfigError` with one line
+that says what is wrong and how to fix it.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class EmbeddedConfig:
     student: NetConfig = field(default_factory=NetConfig)
     vocab_pad_to: int = 0  # >0: pad the LM head to this width (ids never produced), a realistic-vocab variant
     seed: int = 1234
-    cache_dir: str = "~/.cache/tipdistill"
+    cache_dir: Optional[str] = None  # null: $TIPDISTILL_CACHE, else ~/.cache/tipdistill
 
 
 @dataclass
@@ -222,7 +224,7 @@ class TrainConfig:
 
     keep: float = 1.0  # retention ratio rho in (0, 1]; ignored by selector=full
     seed: int = 0
-    steps: int = 150
+    steps: int = 200
     eval_every: int = 50
     prompts_per_step: int = 32
     rollouts_per_prompt: int = 2

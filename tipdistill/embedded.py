@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import asdict, replace
@@ -155,7 +156,8 @@ def cache_key(emb: EmbeddedConfig, task_cfg: TaskConfig, max_new_tokens: int) ->
 
 
 def pair_dir(emb: EmbeddedConfig, task_cfg: TaskConfig, max_new_tokens: int) -> Path:
-    return Path(emb.cache_dir).expanduser() / f"embedded-{task_cfg.name}-{cache_key(emb, task_cfg, max_new_tokens)}"
+    cache_dir = emb.cache_dir or os.environ.get("TIPDISTILL_CACHE") or "~/.cache/tipdistill"
+    return Path(cache_dir).expanduser() / f"embedded-{task_cfg.name}-{cache_key(emb, task_cfg, max_new_tokens)}"
 
 
 def widen(model: LlamaForCausalLM, width: int, calibration: dict[str, torch.Tensor], margin: float = 25.0) -> LlamaForCausalLM:
