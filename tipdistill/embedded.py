@@ -169,13 +169,13 @@ def widen(model: LlamaForCausalLM, width: int, calibration: dict[str, torch.Tens
     extra ids then carry ~0 probability (`extra_id_mass` measures it on held-out data), like the
     unused padded rows of real vocabularies, while every logits tensor becomes `width` wide."""
     n = model.config.vocab_size
-    hidden_P_H = _final_hidden(model, calibration)
-    u_H = torch.linalg.lstsq(hidden_P_H, torch.ones(hidden_P_H.shape[0], 1)).solution[:, 0]
-    along_P = hidden_P_H @ u_H
-    if float(along_P.min()) <= 0:
+    hidden_N_H = _final_hidden(model, calibration)
+    u_H = torch.linalg.lstsq(hidden_N_H, torch.ones(hidden_N_H.shape[0], 1)).solution[:, 0]
+    along_N = hidden_N_H @ u_H
+    if float(along_N.min()) <= 0:
         raise RuntimeError("widen: no direction is positive on every calibration hidden state; cannot pad the head safely")
-    best_P = (hidden_P_H @ model.get_output_embeddings().weight.T).max(-1).values
-    alpha = float(((margin - best_P) / along_P).clamp(min=0).max())
+    best_N = (hidden_N_H @ model.get_output_embeddings().weight.T).max(-1).values
+    alpha = float(((margin - best_N) / along_N).clamp(min=0).max())
     model.resize_token_embeddings(width, mean_resizing=False)
     with torch.no_grad():
         model.get_input_embeddings().weight[n:] = -alpha * u_H

@@ -1,7 +1,17 @@
 """Typed containers passed between the pipeline stages; field names carry their shapes.
 
-B = sequences in the update batch, L = prompt + response columns, T = response positions,
-H = hidden size, V = vocabulary (logits width), K = kept positions.
+The shape legend of every tensor (and per-item list) name in the project, e.g. `keep_mask_B_T`:
+  B  sequences in the update batch (prompts x rollouts per prompt)
+  L  prompt + response columns of a sequence
+  T  response positions
+  H  hidden size
+  V  vocabulary (logits width; the shared prefix of both heads)
+  K  kept positions (the tokens the loss trains on)
+  N  positions flattened over the batch (a 2-D view whose rows are tokens, e.g. logits_N_V)
+  C  positions of one chunk (an LM-head chunk), or of one row of a selection (R x C)
+  R  rows a selection ranks over: B per sequence, 1 per batch
+  P  prompts;  G  rollouts per prompt
+Two letters together are one flattened axis: BT = B * T.
 """
 
 from __future__ import annotations
