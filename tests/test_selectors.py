@@ -239,3 +239,17 @@ def test_take_top_nan_and_inf_scores_stay_inside_the_mask():
     # the masked 5.0 is never taken.
     assert take_top([key], mask, 0.67, "per_sequence").tolist() == [[True, False, False, True]]
     assert take_top([-key], mask, 0.34, "per_sequence").tolist() == [[False, True, False, False]]
+
+
+# --- numerical edges of the paper's definitions -------------------------------------------------------
+
+
+def test_soft_or_is_exactly_one_when_an_axis_is_one_so_ties_go_to_the_earlier_token():
+    # h^ = (1, 1, 0) (no clipping), rkl^ = (0.3, 0, 1): every Soft-OR score is exactly 1. With
+    # h^ + rkl^ - h^ * rkl^ in fp32 the first is 1 - 6e-8 and the tie rule picked the second token.
+    st = stats_of([[0.9, 0.9, 0.1]], [[0.3, 0.0, 1.0]])
+    cfg = SelectorConfig(entropy_clip_quantile=1.0)
+    assert score_B_T("type_aware", st, cfg).tolist() == [[1.0, 1.0, 1.0]]
+    assert select("type_aware", st, keep=0.34, entropy_clip_quantile=1.0).tolist() == [[True, False, False]]
+    assert select("type_aware", st, keep=0.34, entropy_clip_quantile=1.0, granularity="per_batch").tolist() == [[True, False, False]]
+

@@ -181,13 +181,18 @@ class Q3(Selector):
 
 @_registered
 class TypeAware(Selector):
-    """TIP's Soft-OR: top-k by s = h^ + rkl^ - h^ * rkl^ (high when either axis is high)."""
+    """TIP's Soft-OR: top-k by s = h^ + rkl^ - h^ * rkl^ (high when either axis is high).
+
+    Computed as 1 - (1 - h^)(1 - rkl^), the same number but exactly 1 whenever either axis is 1: in
+    fp32, h^ = 1 and rkl^ = 0.3 give 1 - 6e-8 by the other form, so among the tokens whose score is
+    1 (every clipped top-2% entropy token) rounding noise, not the earlier position, broke the tie.
+    """
 
     name = "type_aware"
 
     def rule(self, stats, cfg):
         h_hat_B_T, rkl_hat_B_T = normalise(stats, cfg.entropy_clip_quantile, cfg.rkl_clip_quantile)
-        return h_hat_B_T + rkl_hat_B_T - h_hat_B_T * rkl_hat_B_T
+        return 1.0 - (1.0 - h_hat_B_T) * (1.0 - rkl_hat_B_T)
 
 
 @_registered
