@@ -141,6 +141,16 @@ def test_normalise_entropy_clip():
     assert (rkl_hat[0, 50:] == 1.0).all() and rkl_hat[0, 25].item() == pytest.approx(0.5)
 
 
+def test_normalise_maps_infinite_rkl_to_one_and_scales_the_finite_values():
+    st = stats_of([[0.2, 0.4, 0.6, 0.8]], [[1.0, math.inf, 3.0, 5.0]])
+    _, rkl_hat = normalise(st, entropy_clip_quantile=1.0)
+    torch.testing.assert_close(rkl_hat, torch.tensor([[0.0, 1.0, 0.5, 1.0]]))
+    _, rkl_hat = normalise(st, entropy_clip_quantile=1.0, rkl_clip_quantile=0.5)  # the clip sees the inf too
+    assert torch.isfinite(rkl_hat).all() and rkl_hat[0, 1] == 1.0
+    every = stats_of([[0.2, 0.4]], [[math.inf, math.inf]])
+    assert normalise(every)[1].tolist() == [[1.0, 1.0]]
+
+
 # --- quadrants ------------------------------------------------------------------------------------------
 
 

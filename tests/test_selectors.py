@@ -253,3 +253,13 @@ def test_soft_or_is_exactly_one_when_an_axis_is_one_so_ties_go_to_the_earlier_to
     assert select("type_aware", st, keep=0.34, entropy_clip_quantile=1.0).tolist() == [[True, False, False]]
     assert select("type_aware", st, keep=0.34, entropy_clip_quantile=1.0, granularity="per_batch").tolist() == [[True, False, False]]
 
+
+def test_an_infinite_reverse_kl_ranks_first_for_type_aware_as_for_divergence():
+    # KL(S||T) = inf where the teacher gives -inf to an id the student samples with mass.
+    st = stats_of([[0.5, 0.5, 0.5, 0.5]], [[0.2, math.inf, 0.8, 0.0]])
+    assert select("divergence", st, keep=0.25).tolist() == [[False, True, False, False]]
+    score = score_B_T("type_aware", st, SelectorConfig())
+    assert not torch.isnan(score).any() and score[0, 1] == 1.0 == score[0].max()
+    # the two top scores (inf -> 1 and the largest finite -> 1) are kept, before the rest
+    assert select("type_aware", st, keep=0.5).tolist() == [[False, True, True, False]]
+    assert select("type_aware_bottom", st, keep=0.5).tolist() == [[True, False, False, True]]

@@ -50,21 +50,32 @@ def token_stats(
 
 
 def _quantile(x_N: torch.Tensor, q: float) -> torch.Tensor:
-    """Linear-interpolation quantile (numpy's default) via sort: torch.quantile caps its input size."""
+    """Linear-interpolation quantile (numpy's default) via sort: torch.quantile caps its input size.
+    An exact rank returns that element (no interpolation: inf * 0 would be NaN next to an infinite value)."""
     xs_N = x_N.sort().values
     pos = q * (xs_N.numel() - 1)
     lo = int(math.floor(pos))
     hi = min(lo + 1, xs_N.numel() - 1)
+    if pos == lo:
+        return xs_N[lo]
     return xs_N[lo] + (xs_N[hi] - xs_N[lo]) * (pos - lo)
 
 
 def _minmax(x_N: torch.Tensor, clip_quantile: Optional[float]) -> torch.Tensor:
-    """Clip at the upper quantile (optional), then scale to [0, 1]; a constant input maps to 0."""
+    """Clip at the upper quantile (optional), then scale the finite values to [0, 1]; +inf maps to 1.
+
+    An infinite reverse KL (the teacher gives -inf where the student has mass) is the largest possible
+    divergence: it ranks with the largest finite value instead of turning the batch's scale into inf
+    and itself into NaN. A constant input maps to 0.
+    """
     if clip_quantile is not None and clip_quantile < 1.0:
         x_N = x_N.clamp(max=_quantile(x_N, clip_quantile))
-    lo, hi = x_N.min(), x_N.max()
+    inf_N = torch.isposinf(x_N)
+    lo = x_N.min()
+    hi = torch.where(inf_N, lo, x_N).max()  # the largest finite value (no host sync)
     span = hi - lo
-    return torch.where(span > 0, (x_N - lo) / torch.where(span > 0, span, 1.0), 0.0)
+    scaled_N = torch.where(span > 0, (x_N - lo) / torch.where(span > 0, span, 1.0), 0.0)
+    return torch.where(inf_N, 1.0, scaled_N)
 
 
 def normalise(
