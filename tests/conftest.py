@@ -62,8 +62,26 @@ def random_rollout(vocab: int, prompt_lens: tuple[int, ...], response_lens: tupl
     return make_rollout(prompts, responses, len(responses) // len(prompts), rules)
 
 
+def stats_of(h, rkl, fkl=None, mask=None):
+    """TokenStats from nested lists ([B][T]); fkl defaults to 0 and the mask to all valid."""
+    import torch
+
+    from tipdistill.types import TokenStats
+
+    h = torch.tensor(h, dtype=torch.float32)
+    rkl = torch.tensor(rkl, dtype=torch.float32)
+    fkl = torch.zeros_like(h) if fkl is None else torch.tensor(fkl, dtype=torch.float32)
+    mask = torch.ones_like(h, dtype=torch.bool) if mask is None else torch.tensor(mask)
+    return TokenStats(h_B_T=h * mask, rkl_B_T=rkl * mask, fkl_B_T=fkl * mask, mask_B_T=mask)
+
+
 def compose(overrides: list[str] | None = None):
     """The real Hydra composition of conf/train.yaml, as the CLI does it."""
+    return compose_many([list(overrides or [])])[0]
+
+
+def compose_many(override_lists: list[list[str]], hydra_config: bool = False) -> list:
+    """Compose conf/train.yaml once per override list inside one Hydra initialisation (faster than one each)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -72,8 +90,25 @@ def compose(overrides: list[str] | None = None):
 
     register_configs()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=list(overrides or []))
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return [hydra_compose(config_name="train", overrides=o, return_hydra_config=hydra_config) for o in override_lists]
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A directory holding one untrained tiny embedded-architecture model and its tokenizer (HF format):
+    for tests that need a saved model but not a trained pair (no `prepare`)."""
+    from tipdistill.config import NetConfig
+    from tipdistill.embedded import build_model, build_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_model")
+    tok = build_tokenizer()
+    build_model(NetConfig(layers=1, hidden=32, heads=1, kv_heads=1, intermediate=64), tok, 64).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture(scope="session")

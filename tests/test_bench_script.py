@@ -1,20 +1,32 @@
-"""scripts/bench_update.py stays runnable: a tiny batch, two configurations, the table and the target
-lines are printed. (The targets themselves are the benchmark's job on realistic shapes, not a test's.)"""
+"""scripts/bench_update.py times the training code itself: a tiny batch through three configurations
+checks that its `full` path is `update_step` (same loss as the peer-style all-token update on the same
+weights, the update step's own phases timed) and that the table and target lines are printed. (The
+targets themselves are the benchmark's job on realistic shapes, not a test's.)"""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tipdistill.update import PHASES
+
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration  # three fresh processes with 152k-wide heads
 
 
-def test_bench_update_runs_and_reports(tmp_path):
+def test_bench_update_times_the_update_step_and_reports(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_update.py"), "--configs", "peer,full,type_aware@0.5",
-                          "--batch", "1", "--resp-len", "16", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "b")],
-                         capture_output=True, text=True, timeout=600)
+                          "--batch", "1", "--resp-len", "16", "--repeats", "1", "--warmup", "1", "--out", str(tmp_path / "b")],
+                         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| peer | 1.0 | 16 |" in out.stdout and "| type_aware@0.5 | 0.5 | 8 |" in out.stdout
     assert "peak memory reduced by >= 47% at keep 0.5 vs peer:" in out.stdout
-    rows = json.loads((tmp_path / "b.json").read_text())
-    assert rows  # machine-readable copy written
+    results = json.loads((tmp_path / "b.json").read_text())["results"]
+    peer, full, half = results["peer"], results["full"], results["type_aware@0.5"]
+    # Same models, batch and optimizer: the all-token loss of update_step equals the peer's formula.
+    assert full["loss"] == pytest.approx(peer["loss"], rel=1e-4) and full["loss"] > 0
+    assert (full["kept"], half["kept"], half["tokens"]) == (16, 8, 16)
+    assert set(full["phase_time_s"]) == set(half["phase_time_s"]) == set(PHASES)  # update_step's own phases
+    assert half["kept_rkl_mean"] != half["rkl_mean"]  # a real selection from real statistics

@@ -13,6 +13,7 @@ import yaml
 from conftest import TINY_PAIR, TINY_RUN
 
 EXE = str(Path(sys.executable).with_name("tipdistill"))
+pytestmark = pytest.mark.integration  # every test here runs the console script
 
 
 def cli(args, cwd, timeout=600):
@@ -67,7 +68,6 @@ def test_vocab_mismatch_is_one_clear_line(tmp_path, tiny_pair):
     assert out.returncode == 2 and "teacher and student vocabularies differ" in out.stderr
 
 
-@pytest.mark.slow
 def test_end_to_end_vllm_run_writes_every_output(tmp_path, tiny_pair):
     out = cli(["train", *TINY_PAIR, *TINY_RUN, "selector=type_aware", "keep=0.5", "scoring.token_dump_every=1"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -95,7 +95,6 @@ def test_end_to_end_vllm_run_writes_every_output(tmp_path, tiny_pair):
     assert list((run / "tables").glob("tokens_step*.parquet"))
 
 
-@pytest.mark.slow
 def test_multirun_gives_one_directory_per_job(tmp_path, tiny_pair):
     # two vLLM engines in one process (Hydra's basic launcher runs jobs in-process): the second must not fail
     out = cli(["train", "-m", *TINY_PAIR, *TINY_RUN, "steps=1", "selector=full,type_aware", "keep=0.5",

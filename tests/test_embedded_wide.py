@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import TINY_PAIR, compose
 
 
+@pytest.mark.integration  # prepares (trains) the tiny pair, then widens it
 def test_wide_pair_is_the_narrow_pair_padded(tiny_pair):
     from tipdistill import embedded
     from tipdistill.config import validate

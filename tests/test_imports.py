@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PKG = Path(__file__).resolve().parents[1] / "tipdistill"
 
 
@@ -103,6 +105,50 @@ def test_lazy_and_type_checking_imports_are_told_apart():
     assert "tipdistill.selectors" in import_graph()["tipdistill.config"]  # the lazy import in validation counts
 
 
+BARE_BOX_MISSING = ("hydra", "omegaconf", "wandb", "vllm")  # the GPU box has torch + transformers only
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """Every module one file imports at import time (module level, outside TYPE_CHECKING and functions)."""
+    out: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.If) and not _is_type_checking(node):
+            nodes = node.body + node.orelse
+        elif isinstance(node, ast.Try):
+            nodes = node.body
+        else:
+            nodes = [node]
+        for n in nodes:
+            if isinstance(n, ast.Import):
+                out.update(a.name for a in n.names)
+            elif isinstance(n, ast.ImportFrom) and n.module and not n.level:
+                out.add(n.module)
+                out.update(f"{n.module}.{a.name}" for a in n.names)
+    return out
+
+
+def test_the_update_step_needs_no_hydra_wandb_or_vllm_at_import():
+    """Statically: what `import tipdistill.update` loads, plus the registries TrainConfig's validation
+    imports, never imports Hydra, omegaconf, W&B or vLLM at module level (the subprocess test below checks
+    the same for real)."""
+    files = {module_name(p): p for p in PKG.rglob("*.py")}
+    todo = ["tipdistill.update", "tipdistill.config", *sorted(import_graph()["tipdistill.config"])]
+    seen, bad = set(), {}
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        imports = module_level_imports(files[mod])
+        bad.update({mod: sorted(i for i in imports if i.split(".")[0] in BARE_BOX_MISSING)} if any(
+            i.split(".")[0] in BARE_BOX_MISSING for i in imports) else {})
+        parents = [".".join(mod.split(".")[:i]) for i in range(2, mod.count(".") + 1)]  # importing a submodule runs its package
+        todo += [m for m in imports | set(parents) if m in files]
+    assert {"tipdistill.update", "tipdistill.teacher", "tipdistill.selectors", "tipdistill.sinks"} <= seen
+    assert bad == {}, f"imported at module level on the update path: {bad}"
+
+
+@pytest.mark.integration  # a fresh interpreter importing torch and transformers
 def test_the_update_step_imports_with_torch_and_transformers_only():
     """The GPU box that runs scripts/gpu_checks.sh has torch + transformers only: the update step, the
     teacher and everything they import must not need Hydra, omegaconf, W&B or vLLM."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, compose
+from conftest import ROOT, compose, compose_many
 from standins import build_tokenizer, cli, save_model
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("table_*.yaml"))
@@ -87,23 +87,6 @@ def data(tmp_path_factory):
             for task in MATH_TASKS for fmt in ("jsonl", "parquet")}
 
 
-def compose_many(override_lists: list[list[str]], hydra_config: bool = False) -> list:
-    """Compose conf/train.yaml once per override list inside one Hydra initialisation (faster than one each)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from tipdistill.config import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            return [hydra_compose(config_name="train", overrides=o, return_hydra_config=hydra_config) for o in override_lists]
-    finally:
-        GlobalHydra.instance().clear()
-
-
 def task_cfg(name: str, path: str, **kw):
     from tipdistill.tasks.math import MathConfig
 
@@ -142,6 +125,7 @@ def test_student_override_beats_the_preset():
     assert (m.student, m.teacher, m.dtype) == ("/ckpt/my-student", "Qwen/Qwen3-8B", "float32")
 
 
+@pytest.mark.integration  # the console script
 def test_cli_cfg_job_for_every_preset(tmp_path, capsys, monkeypatch):
     """`tipdistill train model=<preset> --cfg job` for every preset: the console script's entry point in-process
     (one subprocess of the installed script too; the training tests below run it for real)."""
@@ -185,17 +169,28 @@ def test_different_tokenizers_are_one_clear_error(pairs):
 
 
 def test_chat_template_is_the_same_for_teacher_and_student(pairs):
-    from transformers import AutoTokenizer
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tipdistill.tasks import encode_prompt
+    from tipdistill.config import ModelConfig, TrainConfig
+    from tipdistill.pipeline import sample_rollouts
+    from tipdistill.rollout.hf_engine import HFEngine
+    from tipdistill.runtime import LocalRuntime
+    from tipdistill.tasks import Problem, encode_prompt
 
     s_tok, t_tok = (AutoTokenizer.from_pretrained(p) for p in pairs["qwen"])
     ids = encode_prompt(s_tok, "What is 1+2?")
     assert ids == encode_prompt(t_tok, "What is 1+2?")
     assert s_tok.decode(ids) == "<|im_start|>user\nWhat is 1+2?<|im_end|>\n<|im_start|>assistant\n"
-    # What a chat_template_kwargs knob would pass through (Qwen3's enable_thinking).
-    no_think = s_tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False, enable_thinking=False)
-    assert no_think.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    # model.chat_template_kwargs reaches the template (Qwen3's enable_thinking): through encode_prompt, and
+    # through the rollout stage, whose prompts are what the student and the teacher then see.
+    no_think = "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert s_tok.decode(encode_prompt(s_tok, "x", {"enable_thinking": False})) == no_think
+    cfg = TrainConfig(model=ModelConfig(chat_template_kwargs={"enable_thinking": False}), rollouts_per_prompt=1)
+    cfg.rollout.max_completion_length = 2
+    engine = HFEngine(AutoModelForCausalLM.from_pretrained(pairs["qwen"][0]), s_tok)
+    _, rollout = sample_rollouts(engine, s_tok, [Problem("x", "")], cfg, seed=0, runtime=LocalRuntime(torch.device("cpu")))
+    assert s_tok.decode(rollout.input_ids_B_L[0, : rollout.prompt_len]) == no_think
     l_tok = AutoTokenizer.from_pretrained(pairs["llama"][0])
     assert l_tok.decode(encode_prompt(l_tok, "Hi")) == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
                                                         "<|start_header_id|>assistant<|end_header_id|>\n\n")
@@ -400,6 +395,7 @@ RUN = ["steps=2", "prompts_per_step=2", "rollouts_per_prompt=2", "rollout=hf", "
        "scoring.token_dump_every=0"]
 
 
+@pytest.mark.integration
 def test_preset_trains_on_a_math_file(tmp_path, pairs, data):
     student, teacher = pairs["qwen"]
     out = cli(["train", "model=qwen25_14b_to_1p5b", f"model.student={student}", f"model.teacher={teacher}",
@@ -414,6 +410,7 @@ def test_preset_trains_on_a_math_file(tmp_path, pairs, data):
     assert all(m["train/loss"] == m["train/loss"] and 0 < m["train/kept_tokens"] <= m["train/response_tokens"] for m in lines[1:])
 
 
+@pytest.mark.integration
 def test_memory_knobs_run_end_to_end(tmp_path, pairs, data):
     """The GPU user's memory knobs all on at once at the preset's bf16 compute dtype (fp32 master weights
     under bf16 autocast, a bf16 teacher and vLLM), rollouts through vLLM (its sleep mode is a no-op
@@ -454,6 +451,7 @@ def test_qwen3_presets_take_enable_thinking_without_a_plus():
     assert [validate(c).model.chat_template_kwargs for c in cfgs] == [{"enable_thinking": False}] * len(qwen3) + [{"enable_thinking": True}]
 
 
+@pytest.mark.integration
 def test_multirun_with_paths_in_overrides(tmp_path, pairs, data):
     """Llama-shaped pair, DAPO parquet, a 2-job sweep: one flat directory per job, no path in its name."""
     student, teacher = pairs["llama"]

@@ -35,7 +35,7 @@ def wait_for(path: Path, proc, timeout=300.0):
         time.sleep(0.02)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_pair):
     ref = subprocess.run([EXE, "train", *FAST, "hydra.run.dir=ref"], cwd=tmp_path, capture_output=True, text=True, env=os.environ.copy())
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -61,7 +61,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_pair):
     assert sb["eval/accuracy_end"] == sa["eval/accuracy_end"] and sb["eval/accuracy_start"] == sa["eval/accuracy_start"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_pair):
     proc = start([*FAST, "steps=50", "checkpoint_every=0", "hydra.run.dir=run"], tmp_path)
     wait_for(tmp_path / "run" / "tables", proc)  # step 1 is done once its token dump exists
@@ -82,6 +82,7 @@ def _typed(tmp_path, extra=()):
     return cfg
 
 
+@pytest.mark.integration  # whole train() runs
 def test_non_finite_loss_is_skipped_and_counted(tmp_path, tiny_pair, monkeypatch):
     import tipdistill.train as tr
     import tipdistill.update as up
@@ -100,6 +101,7 @@ def test_non_finite_loss_is_skipped_and_counted(tmp_path, tiny_pair, monkeypatch
     assert m[2]["train/loss"] != m[2]["train/loss"]  # the NaN step is logged as such, not hidden
 
 
+@pytest.mark.integration
 def test_repeated_non_finite_steps_stop_with_a_checkpoint(tmp_path, tiny_pair, monkeypatch):
     import tipdistill.train as tr
     import tipdistill.update as up
@@ -132,13 +134,13 @@ def test_all_empty_responses_do_not_crash_or_divide_by_zero():
     assert n == 0 and float(loss_sum) == 0.0 and torch.isfinite(hidden.grad).all()
 
 
-def test_failed_checkpoint_save_keeps_the_previous_one(tmp_path, tiny_pair, monkeypatch):
+def test_failed_checkpoint_save_keeps_the_previous_one(tmp_path, tiny_model, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tipdistill import checkpoint
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_pair[0])
-    tok = AutoTokenizer.from_pretrained(tiny_pair[0])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     checkpoint.save(tmp_path, 1, model, tok, opt, sched, {"x": 1}, keep_last=2)
@@ -154,13 +156,13 @@ def test_failed_checkpoint_save_keeps_the_previous_one(tmp_path, tiny_pair, monk
     assert not list((tmp_path / "checkpoints").glob(".tmp*"))
 
 
-def test_checkpoint_rotation_keeps_the_last_n(tmp_path, tiny_pair):
+def test_checkpoint_rotation_keeps_the_last_n(tmp_path, tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tipdistill import checkpoint
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_pair[0])
-    tok = AutoTokenizer.from_pretrained(tiny_pair[0])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     for step in range(1, 5):
@@ -192,6 +194,7 @@ def test_bad_values_fail_validation_with_one_line(override, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.integration  # train() on the prepared tiny pair
 def test_completion_longer_than_the_context_fails_before_loading(tmp_path, tiny_pair):
     import tipdistill.train as tr
     from tipdistill.config import ConfigError
@@ -203,6 +206,7 @@ def test_completion_longer_than_the_context_fails_before_loading(tmp_path, tiny_
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+@pytest.mark.integration  # 150 Hydra compositions: minutes on 2 cores
 def test_fuzzed_overrides_never_end_in_an_unhandled_error():
     """Random and malformed overrides: either a valid config, a ConfigError, or Hydra's own error."""
     import random
@@ -231,6 +235,7 @@ def test_fuzzed_overrides_never_end_in_an_unhandled_error():
     assert all(outcomes.values()), outcomes  # the fuzzer reached every kind of outcome
 
 
+@pytest.mark.integration  # the whole analyze pipeline on the prepared tiny pair
 def test_analyze_writes_the_quadrant_taxonomy(tmp_path, tiny_pair):
     from tipdistill.analyze import analyze
 

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
+from conftest import stats_of
 from tipdistill.scoring import normalise, quadrant_fractions, quadrants, token_stats
-from tipdistill.types import TokenStats
 
 IDENTITY = torch.nn.Identity()  # hidden == logits: the tests write the distributions down directly
 
@@ -24,14 +24,6 @@ def kl64(p, q):
 def entropy64(p):
     p = p.double()
     return -torch.where(p > 0, p * torch.log(p), torch.zeros_like(p)).sum(-1)
-
-
-def stats_of(h, rkl, fkl=None, mask=None):
-    h = torch.tensor(h, dtype=torch.float32)
-    rkl = torch.tensor(rkl, dtype=torch.float32)
-    fkl = torch.zeros_like(h) if fkl is None else torch.tensor(fkl, dtype=torch.float32)
-    mask = torch.ones_like(h, dtype=torch.bool) if mask is None else torch.tensor(mask)
-    return TokenStats(h_B_T=h * mask, rkl_B_T=rkl * mask, fkl_B_T=fkl * mask, mask_B_T=mask)
 
 
 def test_hand_worked_three_token_vocab():

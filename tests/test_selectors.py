@@ -15,20 +15,13 @@ import yaml
 
 from tipdistill.config import SelectorConfig
 from tipdistill.selectors import SELECTORS, Selector, take_top
+from conftest import stats_of
 from tipdistill.types import TokenStats
 
 NAMES = sorted(SELECTORS)
 SUBSET = [n for n in NAMES if not SELECTORS.get(n).ignores_keep]  # the ones that honour `keep`
 TOP_K = [n for n in NAMES if type(SELECTORS.get(n)).select is Selector.select]  # ranked by their own score
 GRANULARITIES = ["per_sequence", "per_batch"]
-
-
-def stats_of(h, rkl, fkl=None, mask=None):
-    h = torch.tensor(h, dtype=torch.float32)
-    rkl = torch.tensor(rkl, dtype=torch.float32)
-    fkl = torch.zeros_like(h) if fkl is None else torch.tensor(fkl, dtype=torch.float32)
-    mask = torch.ones_like(h, dtype=torch.bool) if mask is None else torch.tensor(mask)
-    return TokenStats(h_B_T=h * mask, rkl_B_T=rkl * mask, fkl_B_T=fkl * mask, mask_B_T=mask)
 
 
 def random_stats(seed, B, T, p_valid=0.7, garbage=False):

@@ -149,6 +149,7 @@ def test_unknown_logger_name():
 # ---------------------------------------------------------------- a real offline W&B run
 
 
+@pytest.mark.integration  # real offline W&B runs (a service process each)
 def test_wandb_offline_roundtrip(hermetic_wandb, tmp_path: Path):
     run_dir = tmp_path / "job0"
     with open_sink(WANDB, run_dir, run_name="type_aware-keep0.2-seed1", group="sweep1", config=CONFIG) as sink:
@@ -185,6 +186,7 @@ def test_wandb_offline_roundtrip(hermetic_wandb, tmp_path: Path):
     assert got["exit_code"] == 0
 
 
+@pytest.mark.integration
 def test_two_jobs_in_one_process_are_two_runs(hermetic_wandb, tmp_path: Path):
     import wandb
 
@@ -202,6 +204,7 @@ def test_two_jobs_in_one_process_are_two_runs(hermetic_wandb, tmp_path: Path):
     assert [[h["train/loss"] for h in r["history"]] for r in runs] == [[1.0], [2.0], [3.0]]
 
 
+@pytest.mark.integration
 def test_exception_inside_with_finishes_the_run(hermetic_wandb, tmp_path: Path):
     import wandb
 
@@ -231,6 +234,7 @@ def test_failing_wandb_init_warns_once_and_keeps_local_files(hermetic_wandb, tmp
     assert (tmp_path / "y" / "metrics.jsonl").read_text().count("\n") == 1
 
 
+@pytest.mark.integration
 def test_failing_wandb_log_midrun_degrades_to_local(hermetic_wandb, tmp_path: Path, caplog):
     with caplog.at_level(logging.WARNING, logger="tipdistill.sinks"):
         with open_sink(WANDB, tmp_path / "z", run_name="z", group=None, config={}) as sink:
@@ -304,6 +308,11 @@ def test_step_timer():
     assert set(m) == {"time/rollout_s", "time/update_s", "time/select_s"}
     assert m["time/rollout_s"] >= 0.03 and m["time/update_s"] >= 0.02
     assert timer.pop() == {}
+    grouped = StepTimer(groups={"backward": "update", "statistics": "select"})  # update.PHASES folds this way
+    for phase in ("backward", "statistics", "rollout"):
+        with grouped(phase):
+            time.sleep(0.01)
+    assert set(grouped.pop()) == {"time/update_s", "time/select_s", "time/rollout_s"}
 
 
 def test_memory_probe_sees_a_200mb_region():

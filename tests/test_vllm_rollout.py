@@ -7,6 +7,8 @@ log-probs with the updated HF student and must fail if the sync is skipped.
 import pytest
 import torch
 
+pytestmark = pytest.mark.integration  # a real vLLM engine (about a minute to start on CPU)
+
 from tipdistill.config import NetConfig, RolloutConfig
 from tipdistill.embedded import build_model, build_tokenizer
 from tipdistill.runtime import LocalRuntime
