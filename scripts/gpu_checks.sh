@@ -6,8 +6,8 @@
 # 2) if time is left, the target configurations again with student gradient checkpointing.
 # Bounded to about 6.5 minutes of command time (each pass has its own --budget; later configs are
 # skipped, the table is still printed). Results go to $OUT (the device tool brings them back) or
-# outputs/gpu_checks. Needs only torch + transformers: tipdistill's numerical modules import without
-# Hydra/omegaconf/wandb/vLLM.
+# outputs/gpu_checks. Needs only torch + transformers: the benchmark times tipdistill.update.update_step,
+# which imports without Hydra/omegaconf/wandb/vLLM (tests/test_imports.py checks it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-$(command -v python3 || command -v python)}"

@@ -4,7 +4,9 @@ backward, gradient clipping, optimizer step.
 `update_step` is the only copy of this code: the training loop calls it every step,
 scripts/bench_update.py times it, and `analyze` uses its `statistics`. Two seams are explicit:
 `loss_fn` (the kept-token loss, `losses.kept_token_loss` by default, any function with its signature)
-and `runtime` (every cross-process reduction: the kept count the loss divides by, the token counts).
+and `runtime` (device, precision, and sums across processes: the kept count the loss divides by, the
+token counts). With one process the statistics' batch normalisation and `per_batch` ranking see the
+whole batch; several processes will need them reduced through the runtime too.
 Imports torch and transformers only (no Hydra, W&B or vLLM), so it runs on a bare GPU box.
 """
 
