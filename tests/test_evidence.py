@@ -11,7 +11,8 @@ import pytest
 
 from test_report import make_run
 from tipdistill.evidence import claim_rows, claim_verdicts, random_controls
-from tipdistill.report import load_report, main_report
+from tipdistill.report import load_report
+from tipdistill.report_cmd import main_report
 from tipdistill.stats import CONTRADICTED, NO_DATA, NOT_CONTRADICTED, SUPPORTED
 
 T975_2 = 4.3027  # Student-t table, two-sided 95%, 2 degrees of freedom

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from tipdistill.report import build_report, main_report
+from tipdistill.report import build_report
+from tipdistill.report_cmd import main_report
 
 # (selector, keep in config, seed, acc_end, greedy_end, mem per step, step_s per step, update_s per step, keep_frac)
 RUNS = [

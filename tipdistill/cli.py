@@ -126,7 +126,7 @@ def main() -> None:
     argv = sys.argv
     cmd = argv.pop(1) if len(argv) > 1 and argv[1] in (*COMMANDS, "report") else "train"
     if cmd == "report":
-        from tipdistill.report import main_report
+        from tipdistill.report_cmd import main_report
 
         sys.exit(main_report(argv[1:]))
     register_configs()

@@ -6,15 +6,13 @@ greedy, constraint score) as a mean over seeds with its 95% Student-t interval, 
 `selector=full` paired over the seeds both have (with its interval), update time and update peak
 memory with their ratios to `full`. Also the learning curves (every eval step, mean over seeds with
 its interval). Writes `report.csv` (groups), `runs.csv` (one row per run), `curves.csv`, `report.md`
-and PNG plots; `--results FILE` adds the verdicts on the paper's claims (tipdistill/evidence.py).
+and PNG plots. The command line is tipdistill/report_cmd.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -526,36 +524,3 @@ def build_report(paths: list[Path], out_dir: Path, mem_floor_gib: float = MEM_FL
     rep = load_report(paths, mem_floor_gib)
     write_report(rep, Path(out_dir))
     return rep.table
-
-
-def main_report(argv: list[str]) -> int:
-    """`tipdistill report <dir>... [--out DIR] [--results FILE]`: print the markdown; exit 1 with one line on no runs."""
-    parser = argparse.ArgumentParser(prog="tipdistill report", description="Compare finished runs side by side.")
-    parser.add_argument("paths", nargs="+", type=Path, help="run directories or multirun / grid directories")
-    parser.add_argument("--out", type=Path, default=None, help="where to write report.* and plots (default: the first path)")
-    parser.add_argument("--results", type=Path, default=None,
-                        help="also write the verdicts on the paper's claims, with tables and plots, to this markdown file "
-                             "(e.g. docs/results.md; its figures go to a folder beside it)")
-    parser.add_argument("--mem-floor-gib", type=float, default=MEM_FLOOR_GIB,
-                        help=f"CPU (RSS) update peaks below this are reported as below resolution (default {MEM_FLOOR_GIB})")
-    args = parser.parse_args(argv)
-    out = args.out if args.out is not None else args.paths[0]
-    try:
-        rep = load_report(args.paths, args.mem_floor_gib)
-        write_report(rep, out)
-        if args.results is not None:
-            from tipdistill.evidence import write_results
-
-            write_results(rep, args.paths, args.results, command=["tipdistill", "report", *argv])
-    except ReportError as exc:
-        print(f"tipdistill report: {exc}", file=sys.stderr)
-        return 1
-    print((out / "report.md").read_text(), end="")
-    print(f"written: {out / 'report.csv'}, {out / 'report.md'}, {out / 'curves.csv'} and plots in {out}")
-    if args.results is not None:
-        print(f"results: {args.results}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main_report(sys.argv[1:]))
