@@ -174,6 +174,7 @@ def test_chat_template_is_the_same_for_teacher_and_student(pairs):
 
     from tipdistill.config import ModelConfig, TrainConfig
     from tipdistill.pipeline import sample_rollouts
+    from tipdistill.rollout import generation_config_of, token_rules
     from tipdistill.rollout.hf_engine import HFEngine
     from tipdistill.runtime import LocalRuntime
     from tipdistill.tasks import Problem, encode_prompt
@@ -188,7 +189,7 @@ def test_chat_template_is_the_same_for_teacher_and_student(pairs):
     assert s_tok.decode(encode_prompt(s_tok, "x", {"enable_thinking": False})) == no_think
     cfg = TrainConfig(model=ModelConfig(chat_template_kwargs={"enable_thinking": False}), rollouts_per_prompt=1)
     cfg.rollout.max_completion_length = 2
-    engine = HFEngine(AutoModelForCausalLM.from_pretrained(pairs["qwen"][0]), s_tok)
+    engine = HFEngine(AutoModelForCausalLM.from_pretrained(pairs["qwen"][0]), token_rules(s_tok, 1024, generation_config_of(pairs["qwen"][0])))
     _, rollout = sample_rollouts(engine, s_tok, [Problem("x", "")], cfg, seed=0, runtime=LocalRuntime(torch.device("cpu")))
     assert s_tok.decode(rollout.input_ids_B_L[0, : rollout.prompt_len]) == no_think
     l_tok = AutoTokenizer.from_pretrained(pairs["llama"][0])
