@@ -185,3 +185,19 @@ def test_train_one_step_at_the_paper_lr_moves_the_weights(tmp_path, dtype_args):
     assert {w.dtype for w in final.values()} == {torch.bfloat16 if pure_bf16 else torch.float32}
     # pure bf16: the bf16 weights move once the Kahan-summed updates pass half a bf16 step; the master view moves now
     assert step1["optim/update_moved_frac"] > 0.5 and step1["optim/update_ratio"] > 0
+
+
+def test_update_meter_samples_a_tensor_larger_than_float32_counts_exactly():
+    """Above 2**24 weights a float32 linspace of sample indices rounds past the last one (an embedding of
+    152k x 128 crashed the benchmark); the sample stays inside every tensor and sees the update."""
+    import torch
+
+    from tipdistill.precision import UpdateMeter
+
+    p = torch.nn.Parameter(torch.ones(19_447_808))
+    p.grad = torch.ones_like(p)
+    meter = UpdateMeter(torch.optim.SGD([p], lr=0.5), sample=1 << 20)
+    idx = meter.index[0][1]
+    assert int(idx[-1]) == p.numel() - 1 and int(idx.max()) < p.numel()
+    m = meter()
+    assert m["optim/update_moved_frac"] == 1.0 and abs(m["optim/update_ratio"] - 0.5) < 1e-6

@@ -79,7 +79,8 @@ class UpdateMeter:
         self.index = []
         for p in params:
             k = max(1, math.ceil(p.numel() * share))
-            idx = None if k >= p.numel() else torch.linspace(0, p.numel() - 1, k, device=p.device).long()
+            # integer arithmetic: a float32 linspace rounds past the last index above 2**24 weights
+            idx = None if k >= p.numel() else torch.arange(k, device=p.device) * (p.numel() - 1) // max(1, k - 1)
             self.index.append((p, idx))
 
     @torch.no_grad()
