@@ -4,11 +4,13 @@ A checkpoint is a directory `checkpoints/step_XXXXXX/` holding the student (`sav
 the optimizer and scheduler state, the task sampler's RNG state, the step and the evaluation so
 far. It is written under a temporary name and renamed into place, and `checkpoints/latest` is
 replaced atomically afterwards, so a crash (or a full disk) while saving leaves the previous
-checkpoint usable.
+checkpoint usable. `manifest.json` records every file's size, so a checkpoint damaged later (a
+truncated copy, a lost node) is recognised on resume and the newest intact one is used instead.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -16,7 +18,13 @@ from pathlib import Path
 
 import torch
 
+from tipdistill.config import ConfigError
+
 log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+STATE = "trainer_state.pt"
+STATE_KEYS = ("step", "optimizer", "scheduler", "torch_rng", "task_rng", "summary", "last_eval")
 
 
 class CheckpointError(RuntimeError):
@@ -39,7 +47,9 @@ def save(run_dir: Path, step: int, student, tokenizer, optimizer, scheduler, sta
         student.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(), **state}, tmp / "trainer_state.pt")
+                    "torch_rng": torch.get_rng_state(), **state}, tmp / STATE)
+        sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({"files": sizes}, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -49,9 +59,17 @@ def save(run_dir: Path, step: int, student, tokenizer, optimizer, scheduler, sta
         previous = latest(run_dir)
         raise CheckpointError(f"saving the checkpoint of step {step} failed ({exc}); the previous checkpoint "
                               f"{previous if previous else '(none)'} is intact") from exc
-    for old in sorted(root.glob("step_*"))[:-keep_last] if keep_last > 0 else []:
+    # Rotation looks only at steps up to this one: after a resume from an older checkpoint, newer
+    # (damaged) ones must not count towards keep_last, or the one just written could be deleted.
+    done = sorted(p for p in root.glob("step_*") if _step_of(p) is not None and _step_of(p) <= step)
+    for old in done[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _step_of(path: Path) -> int | None:
+    name = path.name.removeprefix("step_")
+    return int(name) if name.isdigit() else None
 
 
 def latest(run_dir: Path) -> Path | None:
@@ -65,4 +83,85 @@ def latest(run_dir: Path) -> Path | None:
 
 
 def load_state(path: Path) -> dict:
-    return torch.load(path / "trainer_state.pt", weights_only=False)
+    return torch.load(path / STATE, weights_only=False)
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint that cannot be resumed from; the message names the file and what is wrong."""
+
+
+def _weight_files(path: Path) -> list[str]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as exc:
+            raise DamagedCheckpoint(f"{index.name} is unreadable ({exc})") from None
+    return ["model.safetensors"]
+
+
+def verify(path: Path) -> dict:
+    """The trainer state of an intact checkpoint; raises DamagedCheckpoint otherwise.
+
+    Checks, cheapest first: every file in the manifest present at its recorded size (checkpoints
+    written before the manifest existed are checked for the files resuming needs), every weight
+    tensor readable through safetensors, and the trainer state loadable with every key.
+    """
+    from safetensors import safe_open
+
+    manifest = path / MANIFEST
+    if manifest.is_file():
+        try:
+            sizes = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError) as exc:
+            raise DamagedCheckpoint(f"{MANIFEST} is unreadable ({exc})") from None
+    else:
+        sizes = {name: None for name in ("config.json", STATE, *_weight_files(path))}
+    for name, size in sizes.items():
+        f = path / name
+        if not f.is_file():
+            raise DamagedCheckpoint(f"{name} is missing")
+        if size is not None and f.stat().st_size != size:
+            raise DamagedCheckpoint(f"{name} has {f.stat().st_size} bytes, {size} were written (truncated or overwritten)")
+    for name in _weight_files(path):
+        try:
+            with safe_open(str(path / name), framework="pt") as weights:
+                for key in weights.keys():
+                    weights.get_tensor(key)
+        except Exception as exc:  # safetensors raises its own error type (bad header, short buffer)
+            raise DamagedCheckpoint(f"{name} is unreadable ({_first_line(exc)})") from None
+    try:
+        state = load_state(path)
+    except Exception as exc:  # a damaged zip/pickle can raise almost anything
+        raise DamagedCheckpoint(f"{STATE} is unreadable ({_first_line(exc)})") from None
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise DamagedCheckpoint(f"{STATE} lacks {', '.join(missing)}")
+    if state["step"] != _step_of(path):
+        raise DamagedCheckpoint(f"{STATE} is for step {state['step']}, not {_step_of(path)}")
+    return state
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def newest_intact(run_dir: Path) -> tuple[Path, dict]:
+    """(path, trainer state) of the newest checkpoint that passes `verify`, warning once per damaged
+    newer one. None intact: ConfigError naming every damaged file and the fix; nothing is written."""
+    root = run_dir / "checkpoints"
+    candidates = sorted((p for p in root.glob("step_*") if p.is_dir() and _step_of(p) is not None), key=_step_of, reverse=True)
+    damaged = []
+    for path in candidates:
+        try:
+            state = verify(path)
+        except DamagedCheckpoint as exc:
+            damaged.append(f"{path.name}/{exc}")
+            log.warning("checkpoint %s is damaged (%s); trying an older one", path, exc)
+            continue
+        return path, state
+    if not damaged:
+        raise ConfigError(f"resume: no checkpoint under {root}; fix: point resume=<run dir> at a run that saved one")
+    raise ConfigError(f"resume: no intact checkpoint under {root}: {'; '.join(damaged)}; fix: restore those files from a copy, "
+                      f"or start a new run without resume= (the run directory was left as it was)")

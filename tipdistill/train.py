@@ -51,9 +51,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
     runtime = runtime or LocalRuntime.from_config(cfg)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    resume_from = checkpoint.latest(run_dir) if cfg.resume else None
-    if cfg.resume and resume_from is None:
-        raise ConfigError(f"resume: no checkpoint under {run_dir / 'checkpoints'}; fix: point resume=<run dir> at a run that saved one")
+    # verified before anything loads: a damaged newest checkpoint falls back to an older intact one
+    resume_from, state = checkpoint.newest_intact(run_dir) if cfg.resume else (None, None)
 
     # --- [0] task, models, optimizer: cheap checks first (data, paths, vocabularies), then prepare and load
     task = build_task(cfg.task)
@@ -63,7 +62,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
     optimizer, scheduler = make_optimizer(cfg, student)
     summary, last_eval, first_step = {}, {}, 1
     if resume_from is not None:
-        summary, last_eval, first_step = _restore(resume_from, optimizer, scheduler, rng, run_dir)
+        summary, last_eval, first_step = _restore(resume_from, state, optimizer, scheduler, rng, run_dir)
     engine = build_engine(cfg, pair, runtime)
     if resume_from is not None:
         engine.sync_weights(runtime.full_weights(student))  # the engine loaded the initial student; give it the checkpoint's weights
@@ -168,9 +167,8 @@ def step_metrics(step: int, result: StepResult, rollout: Rollout, rewards: list[
     return m
 
 
-def _restore(path: Path, optimizer, scheduler, rng: random.Random, run_dir: Path) -> tuple[dict, dict, int]:
-    """Load a checkpoint's trainer state in place; returns (summary, last evaluation, first step to run)."""
-    state = checkpoint.load_state(path)
+def _restore(path: Path, state: dict, optimizer, scheduler, rng: random.Random, run_dir: Path) -> tuple[dict, dict, int]:
+    """Put a verified checkpoint's trainer state in place; returns (summary, last evaluation, first step to run)."""
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng.setstate(state["task_rng"])
