@@ -111,6 +111,22 @@ def tiny_model(tmp_path_factory) -> str:
     return str(path)
 
 
+def load_config(overrides: list[str]):
+    """What `tipdistill train <overrides>` does before any work: Hydra composition, then validation.
+    Returns the TrainConfig, or raises ConfigError with the one line the CLI prints (exit code 2)."""
+    from tipdistill.bad_input import describe
+    from tipdistill.config import ConfigError, TrainConfig, config_groups, validate
+
+    try:
+        cfg = compose(overrides)
+    except Exception as exc:  # the CLI words composition errors the same way (cli._run_app)
+        line = describe(exc, TrainConfig, overrides, config_groups())
+        if line is None:
+            raise
+        raise ConfigError(line) from None
+    return validate(cfg, overrides=overrides)
+
+
 @pytest.fixture(scope="session")
 def tiny_pair(hermetic_env):
     """(student_dir, teacher_dir, typed config) of a tiny prepared embedded pair."""

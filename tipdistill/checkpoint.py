@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tipdistill.config import ConfigError
+from tipdistill.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tipdistill.config import ConfigError, register_configs, to_plain, validate
-
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+from tipdistill.config import CONF_DIR, ConfigError, register_configs, to_plain, validate
 log = logging.getLogger("tipdistill")
 
 
@@ -37,10 +35,20 @@ def _fail(exc: Exception) -> None:
     sys.exit(2)
 
 
+def _overrides() -> list[str]:
+    """The task overrides as typed: iterating Hydra's list would resolve `keep=${oc.env:X}` in them."""
+    return OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)  # type: ignore[return-value]
+
+
+def _validate(cfg: DictConfig):
+    """Validate against the overrides as typed (they tell a `~group` removal apart)."""
+    return validate(cfg, overrides=_overrides())
+
+
 def _typed(cfg: DictConfig):
     """Validate before any heavy work; one clear line and exit code 2 on bad input."""
     try:
-        return validate(cfg)
+        return _validate(cfg)
     except ConfigError as exc:
         _discard_if_empty(Path(HydraConfig.get().runtime.output_dir))
         _fail(exc)
@@ -51,7 +59,7 @@ def _run_identity() -> tuple[str, str | None]:
     from tipdistill.sinks import run_name_from_overrides
 
     hc = HydraConfig.get()
-    name = run_name_from_overrides(list(hc.overrides.task))
+    name = run_name_from_overrides(_overrides())
     group = Path(hc.sweep.dir).name if str(hc.mode) == "RunMode.MULTIRUN" else None
     return name, group
 
@@ -70,9 +78,10 @@ def train_task(cfg: DictConfig) -> float:
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     resume = cfg.get("resume")
     run_dir = hydra_dir if resume in (None, "true", "True") else Path(str(resume)).expanduser().resolve()
-    cfg.output_dir = str(run_dir)
+    with open_dict(cfg):  # also after `~output_dir`, which validation then reports
+        cfg.output_dir = str(run_dir)
     try:
-        typed = validate(cfg)
+        typed = _validate(cfg)
         if resume and not (run_dir / "checkpoints").is_dir():
             raise ConfigError(f"resume={resume}: {run_dir} has no checkpoints/; fix: pass the directory of an earlier run")
     except ConfigError as exc:
@@ -116,7 +125,7 @@ def analyze_task(cfg: DictConfig) -> None:
 
 
 def _hydra_app(task):
-    return hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")(task)
+    return hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")(task)
 
 
 COMMANDS = {"train": train_task, "prepare": prepare_task, "analyze": analyze_task}

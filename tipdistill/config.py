@@ -2,15 +2,17 @@
 
 The one source of every default: the YAML files under conf/ name an option and set only what differs
 from these dataclasses (each task's own fields are in tipdistill/tasks/). Every YAML file merges into
-them, so an unknown key or a wrongly typed value fails at composition time (Hydra's error).
-`validate(cfg)` then runs the range checks in `__post_init__` and raises `ConfigError` with one line
-that says what is wrong and how to fix it.
+them, so a wrongly typed value fails at composition time. `validate(cfg)` then rejects keys the schema
+does not know (also those added with `+`), runs the range checks in `__post_init__`, and raises
+`ConfigError` with one line that says what is wrong and how to fix it (bad_input.py words the
+composition errors the same way).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Iterable, Optional
 
 from tipdistill.errors import ConfigError
 from tipdistill.tasks import TaskConfig
@@ -18,6 +20,14 @@ from tipdistill.tasks.arithmetic import ArithmeticConfig
 
 # hydra/omegaconf are imported inside the functions that need them, so the numerical modules
 # (scoring, selectors, losses) import on machines with only torch (e.g. a bare GPU box).
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # absolute: see cli.py
+
+
+def config_groups() -> list[str]:
+    """The config group names: one directory per group under conf/ (hydra/ and local/ are not schema sections)."""
+    return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "local"))
 
 
 def _check(ok: bool, message: str) -> None:
@@ -298,16 +308,27 @@ def register_configs() -> None:
         cs.store(group="task", name=f"{name}_schema", node=TASKS.get(name).config)
 
 
-def validate(cfg) -> TrainConfig:
-    """Turn the composed config into a typed, range-checked TrainConfig (raises ConfigError)."""
+def validate(cfg, overrides: Iterable[str] = ()) -> TrainConfig:
+    """Turn the composed config into a typed, range-checked TrainConfig (raises ConfigError).
+
+    First every key must be one the schema knows (`+typo=1` is an error, not a silently ignored
+    key); `overrides`, the command line as typed, also catch a config group removed with `~`."""
     from omegaconf import OmegaConf
 
+    from tipdistill import bad_input
+
+    problem = bad_input.check_keys(cfg, TrainConfig, overrides, config_groups())
+    if problem is not None:
+        raise ConfigError(problem)
     try:
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except ConfigError:
         raise
-    except Exception as exc:  # omegaconf validation errors: keep the first line only
-        raise ConfigError(str(exc).splitlines()[0]) from None
+    except Exception as exc:  # omegaconf's errors (types, interpolations): one line; anything else is a bug
+        line = bad_input.describe(exc, TrainConfig, overrides, config_groups())
+        if line is None:
+            raise
+        raise ConfigError(line) from None
 
 
 def to_plain(cfg: Any) -> dict:
