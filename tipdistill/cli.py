@@ -2,7 +2,8 @@
 
 Hydra has no subcommands, so the first argument is popped here before the Hydra app sees argv.
 The config directory is passed as an absolute path: with a console script, a relative
-`config_path` would be looked up as a Python package (hydra issue 2125).
+`config_path` would be looked up as a Python package (hydra issue 2125). Bad input, whether Hydra
+finds it while composing or tipdistill while validating, is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tipdistill.config import CONF_DIR, ConfigError, register_configs, to_plain, validate
+from tipdistill.bad_input import describe
+from tipdistill.config import CONF_DIR, ConfigError, TrainConfig, config_groups, register_configs, to_plain, validate
 log = logging.getLogger("tipdistill")
 
 
@@ -128,6 +130,39 @@ def _hydra_app(task):
     return hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")(task)
 
 
+_in_task = False  # True while a task function runs: its errors are not composition errors
+
+
+def _tracked(task):
+    def run(cfg: DictConfig):
+        global _in_task
+        _in_task = True
+        try:
+            return task(cfg)
+        finally:
+            _in_task = False
+
+    return run
+
+
+def _run_app(task) -> None:
+    """Hydra prints composition errors over several lines and exits 1; here they are one line, exit 2.
+
+    HYDRA_FULL_ERROR=1 makes Hydra raise instead of printing, so the error reaches this function;
+    a user who set it gets Hydra's full traceback as before."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        _hydra_app(task)()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _hydra_app(_tracked(task))()
+    except Exception as exc:
+        line = None if _in_task else describe(exc, TrainConfig, [a for a in sys.argv[1:] if not a.startswith("-")], config_groups())
+        if line is None:
+            raise
+        _fail(ConfigError(line))
+
+
 COMMANDS = {"train": train_task, "prepare": prepare_task, "analyze": analyze_task}
 
 
@@ -140,7 +175,7 @@ def main() -> None:
         sys.exit(main_report(argv[1:]))
     register_configs()
     os.environ["TIPDISTILL_COMMAND"] = cmd  # conf/hydra/default.yaml names the job after it
-    _hydra_app(COMMANDS[cmd])()
+    _run_app(COMMANDS[cmd])
 
 
 if __name__ == "__main__":
