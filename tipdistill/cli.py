@@ -75,8 +75,6 @@ def _discard_if_empty(run_dir: Path) -> None:
 
 
 def train_task(cfg: DictConfig) -> float:
-    from tipdistill.train import TrainingStopped, train, write_resolved_config
-
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     resume = cfg.get("resume")
     run_dir = hydra_dir if resume in (None, "true", "True") else Path(str(resume)).expanduser().resolve()
@@ -89,6 +87,8 @@ def train_task(cfg: DictConfig) -> float:
     except ConfigError as exc:
         _discard_if_empty(hydra_dir)
         _fail(exc)
+    from tipdistill.train import TrainingStopped, train, write_resolved_config  # seconds of imports: after validation
+
     if not resume:
         write_resolved_config(to_plain(cfg), run_dir)
     name, group = _run_identity()
