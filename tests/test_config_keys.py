@@ -84,3 +84,16 @@ def test_unknown_key_through_the_cli_is_one_line_before_any_work(tmp_path):
     assert "unknown config key 'selector.kep'" in line and "nearest known key is 'keep'" in line
     assert "Traceback" not in out.stderr
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # no run directory content: it stopped before any work
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim=null"], "'optim=null': the config group optim takes an option name; fix: optim=<name>"),
+    (["=1"], "'=1' has no key; fix: write key=value"),
+    (["~"], "'~' deletes nothing"),
+    (["selector=[]"], "selector=[] removes 'selector', which every run needs"),  # an empty option list removes the group
+    (["model=qwen3_8b_to_4b", "model.embedded.student.layers=2"], "model.embedded.student.layers is set, but model.embedded is null"),
+])
+def test_hydra_errors_without_the_key_in_them_name_the_override(overrides, message):
+    """Hydra's own words here ('Config group override must be a string or a list. Got NoneType',
+    'Unexpected type: None') name neither the override nor the fix; found by the override fuzzer."""
+    assert message in _error(overrides)

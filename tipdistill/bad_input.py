@@ -61,7 +61,9 @@ def unknown_key(key: str, schema: type) -> str:
             "(`tipdistill train --cfg job` prints every key)")
 
 
-def removed_key(key: str, schema: type, groups: Iterable[str] = ()) -> str:
+def removed_key(key: str, schema: type, groups: Iterable[str] = (), typed: Optional[str] = None) -> str:
+    """`typed`: the override as written (default `~key`)."""
+    typed = typed or f"~{key}"
     annotation = schema_keys(schema)[key]
     if key in set(groups):
         how = f"pick an option instead ({key}=<name>; `tipdistill train --help` lists them)"
@@ -71,16 +73,17 @@ def removed_key(key: str, schema: type, groups: Iterable[str] = ()) -> str:
         how = f"set single keys instead ({key}.<key>=<value>)"
     else:
         how = f"set {key}=<value> instead"
-    return f"~{key} removes '{key}', which every run needs; fix: drop ~{key} and {how}"
+    return f"{typed} removes '{key}', which every run needs; fix: drop {typed} and {how}"
 
 
 def _removal(overrides: Iterable[str], schema: type, groups: Iterable[str]) -> Optional[str]:
-    keys = schema_keys(schema)
+    keys, groups = schema_keys(schema), set(groups)
     for override in overrides:
-        if override.startswith("~"):
-            key = override[1:].split("=", 1)[0]
-            if key in keys:
-                return removed_key(key, schema, groups)
+        key, _, value = override.lstrip("+").partition("=")
+        if override.startswith("~") and override[1:].split("=", 1)[0] in keys:
+            return removed_key(override[1:].split("=", 1)[0], schema, groups)
+        if key in groups and value.replace(" ", "") == "[]":  # an empty option list removes the group too
+            return removed_key(key, schema, groups, typed=override)
     return None
 
 
@@ -166,6 +169,23 @@ def _raised_in(exc: BaseException, packages: tuple[str, ...]) -> bool:
     return bool(last) and last.split(".")[0] in packages
 
 
+def _group_without_option(overrides: list[str], groups: Iterable[str]) -> str:
+    """Hydra's words for `optim=null` or `=1` name neither the override nor the fix."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in overrides:
+        try:
+            parsed = OverridesParser.create().parse_overrides([override])[0]
+        except Exception:  # noqa: BLE001 - a malformed one is reported by its own error
+            continue
+        key = parsed.key_or_group
+        if not key:
+            return f"'{override}' has no key; fix: write key=value"
+        if (key in set(groups) or key == "hydra") and not isinstance(parsed.value(), (str, list)):
+            return f"'{override}': the config group {key} takes an option name; fix: {key}=<name> (`tipdistill train --help` lists them)"
+    return "a config group override has no option name; fix: group=<name>"
+
+
 def describe(exc: BaseException, schema: type, overrides: Iterable[str] = (), groups: Iterable[str] = ()) -> Optional[str]:
     """One line for an error Hydra or OmegaConf raised on bad input; None for anything else (a bug)."""
     from hydra.errors import HydraException, MissingConfigException, OverrideParseException
@@ -188,7 +208,12 @@ def describe(exc: BaseException, schema: type, overrides: Iterable[str] = (), gr
     removal = _removal(overrides, schema, groups)
     if removal is not None:
         return removal
-    if isinstance(exc, AssertionError) and "Unexpected type for root: NoneType" in str(exc):
+    if isinstance(exc, ValueError) and str(exc).startswith("Config group override must be"):
+        return _group_without_option(overrides, groups)
+    if "No match in the defaults list" in str(exc) and str(exc).startswith("Could not delete '"):
+        name = str(exc).split("'")[1]
+        return f"'~{name}' deletes nothing: no key or config group is called '{name}'; fix: drop it or name an existing key"
+    if isinstance(exc, AssertionError) and str(exc).startswith("Unexpected type"):
         null = sorted(k for k, a in keys.items() if _section(a) is not None and type(None) in typing.get_args(a))
         culprits = [o.lstrip("+") for o in overrides if any(o.lstrip("+").startswith(n + ".") for n in null)]
         where = culprits[0].split("=", 1)[0] if culprits else "a key"
