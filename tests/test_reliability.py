@@ -185,6 +185,11 @@ def test_checkpoint_rotation_keeps_the_last_n(tmp_path, tiny_model):
     ("eval.samples=0", "eval.samples must be > 0"),
     ("rollout.temperature=0", "rollout.temperature must be > 0"),
     ("model.embedded.student.heads=5", "must be divisible by heads"),
+    # non-finite numbers pass checks written as `x > 0` (found by the override fuzzer)
+    ("optim.lr=inf", "optim.lr must be a finite number, got inf"),
+    ("optim.weight_decay=inf", "optim.weight_decay must be a finite number, got inf"),
+    ("scoring.rkl_threshold=nan", "scoring.rkl_threshold must be a finite number, got nan"),
+    ("optim.betas=[0.9,inf]", "optim.betas must hold finite numbers, got [0.9, inf]"),
 ])
 def test_bad_values_fail_validation_with_one_line(override, message):
     from tipdistill.config import ConfigError, validate

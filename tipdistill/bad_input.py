@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from typing import Any, Iterable, Optional
@@ -116,6 +117,22 @@ def _check_node(node: dict, section: type, prefix: str, schema: type, groups: se
             found = _check_node(node[name], sub, f"{prefix}{name}.", schema, groups)
             if found is not None:
                 return found
+    return None
+
+
+def non_finite(typed: Any, prefix: str = "") -> Optional[str]:
+    """The first float of a typed config that is nan or +-inf: range checks written as `x > 0` let
+    inf through (optim.lr=inf, optim.weight_decay=inf), and nan fails them with a confusing message."""
+    for f in dataclasses.fields(typed):
+        value = getattr(typed, f.name)
+        if dataclasses.is_dataclass(value):
+            found = non_finite(value, f"{prefix}{f.name}.")
+            if found is not None:
+                return found
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            what = "must hold finite numbers" if isinstance(value, list) else "must be a finite number"
+            return f"{prefix}{f.name} {what}, got {value}; fix: set {prefix}{f.name} to finite values"
     return None
 
 

@@ -321,7 +321,7 @@ def validate(cfg, overrides: Iterable[str] = ()) -> TrainConfig:
     if problem is not None:
         raise ConfigError(problem)
     try:
-        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+        typed = OmegaConf.to_object(cfg)
     except ConfigError:
         raise
     except Exception as exc:  # omegaconf's errors (types, interpolations): one line; anything else is a bug
@@ -329,6 +329,10 @@ def validate(cfg, overrides: Iterable[str] = ()) -> TrainConfig:
         if line is None:
             raise
         raise ConfigError(line) from None
+    problem = bad_input.non_finite(typed)
+    if problem is not None:
+        raise ConfigError(problem)
+    return typed  # type: ignore[return-value]
 
 
 def to_plain(cfg: Any) -> dict:
