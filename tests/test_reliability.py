@@ -188,8 +188,24 @@ def test_checkpoint_rotation_keeps_the_last_n(tmp_path, tiny_model):
     # non-finite numbers pass checks written as `x > 0` (found by the override fuzzer)
     ("optim.lr=inf", "optim.lr must be a finite number, got inf"),
     ("optim.weight_decay=inf", "optim.weight_decay must be a finite number, got inf"),
-    ("scoring.rkl_threshold=nan", "scoring.rkl_threshold must be a finite number, got nan"),
+    ("rollout.kv_cache_gib=inf", "rollout.kv_cache_gib must be a finite number, got inf"),
     ("optim.betas=[0.9,inf]", "optim.betas must hold finite numbers, got [0.9, inf]"),
+    # ranges nothing checked (found by the override fuzzer)
+    ("optim.grad_clip=-0.5", "optim.grad_clip must be > 0"),
+    ("optim.weight_decay=-1", "optim.weight_decay must be >= 0"),
+    ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio must be in [0, 1]"),
+    ("rollout.max_num_seqs=-1", "rollout.max_num_seqs must be > 0"),
+    ("rollout.kv_cache_gib=-0.5", "rollout.kv_cache_gib must be > 0"),
+    ("selector.rkl_clip_quantile=2", "selector.rkl_clip_quantile must be in (0, 1] or null"),
+    ("scoring.entropy_threshold=-1", "scoring.entropy_threshold must be in [0, 1]"),
+    ("scoring.rkl_threshold=-1", "scoring.rkl_threshold must be >= 0"),
+    ("scoring.token_dump_every=-1", "scoring.token_dump_every must be >= 0"),
+    ("scoring.token_dump_sequences=0", "scoring.token_dump_sequences must be > 0"),
+    ("logger.table_every=-1", "logger.table_every must be >= 0"),
+    ("model.embedded.teacher.lr=0", "model.embedded.*.lr must be > 0"),
+    ("model.embedded.student.warmup=-1", "model.embedded.*.warmup must be >= 0"),
+    ("model.embedded.student.stop_accuracy=2", "model.embedded.*.stop_accuracy must be in (0, 1] or null"),
+    ("model.embedded.vocab_pad_to=-5", "model.embedded.vocab_pad_to must be >= 0"),
 ])
 def test_bad_values_fail_validation_with_one_line(override, message):
     from tipdistill.config import ConfigError, validate

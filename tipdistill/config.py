@@ -67,6 +67,10 @@ class NetConfig:
                f"({', '.join(map(str, VLLM_HEAD_SIZES))}); fix: change model.embedded.<net>.hidden or .heads")
         _check(self.heads % self.kv_heads == 0, f"heads ({self.heads}) must be divisible by kv_heads ({self.kv_heads})")
         _check_choice(self.schedule, ("constant", "cosine"), "pre-training schedule", "model.embedded.<net>.schedule")
+        _check(self.lr > 0, f"model.embedded.*.lr must be > 0, got {self.lr}")
+        _check(self.warmup >= 0, f"model.embedded.*.warmup must be >= 0, got {self.warmup}")
+        _check(self.stop_accuracy is None or 0 < self.stop_accuracy <= 1,
+               f"model.embedded.*.stop_accuracy must be in (0, 1] or null, got {self.stop_accuracy}")
 
 
 @dataclass
@@ -78,6 +82,9 @@ class EmbeddedConfig:
     vocab_pad_to: int = 0  # >0: pad the LM head to this width (ids never produced), a realistic-vocab variant
     seed: int = 1234
     cache_dir: Optional[str] = None  # null: $TIPDISTILL_CACHE, else ~/.cache/tipdistill
+
+    def __post_init__(self) -> None:
+        _check(self.vocab_pad_to >= 0, f"model.embedded.vocab_pad_to must be >= 0 (0 = no padding), got {self.vocab_pad_to}")
 
 
 @dataclass
@@ -128,6 +135,8 @@ class RolloutConfig:
         _check(self.top_k >= 0, f"rollout.top_k must be >= 0 (0 = off), got {self.top_k}")
         _check(0 < self.gpu_memory_utilization <= 1, f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         _check(self.tensor_parallel_size >= 1, f"rollout.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        _check(self.max_num_seqs > 0, f"rollout.max_num_seqs must be > 0, got {self.max_num_seqs}")
+        _check(self.kv_cache_gib > 0, f"rollout.kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         _check(self.max_model_len is None or self.max_model_len > self.max_completion_length,
                f"rollout.max_model_len={self.max_model_len} must exceed rollout.max_completion_length={self.max_completion_length} "
                "(prompt + response); fix: raise it or set it to null (the student's context)")
@@ -145,6 +154,8 @@ class SelectorConfig:
     def __post_init__(self) -> None:
         _check_choice(self.granularity, ("per_sequence", "per_batch"), "selection granularity", "selector.granularity")
         _check(0 < self.entropy_clip_quantile <= 1, f"selector.entropy_clip_quantile must be in (0, 1], got {self.entropy_clip_quantile}")
+        _check(self.rkl_clip_quantile is None or 0 < self.rkl_clip_quantile <= 1,
+               f"selector.rkl_clip_quantile must be in (0, 1] or null (no clipping), got {self.rkl_clip_quantile}")
 
 
 @dataclass
@@ -159,6 +170,10 @@ class ScoringConfig:
 
     def __post_init__(self) -> None:
         _check(self.chunk_size > 0, f"scoring.chunk_size must be > 0, got {self.chunk_size}")
+        _check(0 <= self.entropy_threshold <= 1, f"scoring.entropy_threshold must be in [0, 1] (h is entropy / ln|V|), got {self.entropy_threshold}")
+        _check(self.rkl_threshold >= 0, f"scoring.rkl_threshold must be >= 0 (nats), got {self.rkl_threshold}")
+        _check(self.token_dump_every >= 0, f"scoring.token_dump_every must be >= 0 (0 = never), got {self.token_dump_every}")
+        _check(self.token_dump_sequences > 0, f"scoring.token_dump_sequences must be > 0, got {self.token_dump_sequences}")
 
 
 @dataclass
@@ -193,6 +208,10 @@ class OptimConfig:
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _check_choice(self.schedule, ("constant", "cosine"), "lr schedule", "optim.schedule")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1] (a fraction of optim.lr), got {self.min_lr_ratio}")
+        # a negative max norm flips the gradient's sign in clip_grad_norm_; zero stops learning
+        _check(self.grad_clip > 0, f"optim.grad_clip must be > 0 (the max gradient norm), got {self.grad_clip}")
 
 
 @dataclass
@@ -205,6 +224,9 @@ class LoggerConfig:
     mode: Optional[str] = None  # online | offline | disabled; null: online with an API key, else offline
     tags: list[str] = field(default_factory=list)
     table_every: int = 50  # steps between sampled-rollout tables (0 = never)
+
+    def __post_init__(self) -> None:
+        _check(self.table_every >= 0, f"logger.table_every must be >= 0 (0 = never), got {self.table_every}")
 
 
 @dataclass
