@@ -206,6 +206,8 @@ def test_checkpoint_rotation_keeps_the_last_n(tmp_path, tiny_model):
     ("model.embedded.student.warmup=-1", "model.embedded.*.warmup must be >= 0"),
     ("model.embedded.student.stop_accuracy=2", "model.embedded.*.stop_accuracy must be in (0, 1] or null"),
     ("model.embedded.vocab_pad_to=-5", "model.embedded.vocab_pad_to must be >= 0"),
+    ("seed=-1", "seed must be in [0, 2**32)"),  # vLLM's engine start: np.random.seed(-1) fails after the models load
+    ("seed=4294967296", "seed must be in [0, 2**32)"),
 ])
 def test_bad_values_fail_validation_with_one_line(override, message):
     from tipdistill.config import ConfigError, validate

@@ -277,6 +277,8 @@ class TrainConfig:
             _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         _check(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0 = only at the end), got {self.checkpoint_every}")
         _check(self.eval_every >= 0, f"eval_every must be >= 0 (0 = only at start and end), got {self.eval_every}")
+        # vLLM seeds numpy with it, which takes 0 <= seed < 2**32 (and fails only once both models are loaded)
+        _check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         _check_choice(self.device, ("auto", "cpu", "cuda"), "device", "device")
         self._check_precision()
         _check_names(self)
