@@ -129,10 +129,8 @@ def non_finite(typed: Any, prefix: str = "") -> Optional[str]:
             found = non_finite(value, f"{prefix}{f.name}.")
             if found is not None:
                 return found
-        values = value if isinstance(value, list) else [value]
-        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-            what = "must hold finite numbers" if isinstance(value, list) else "must be a finite number"
-            return f"{prefix}{f.name} {what}, got {value}; fix: set {prefix}{f.name} to finite values"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{prefix}{f.name} must be a finite number, got {value}; fix: set {prefix}{f.name}=<a number>"
     return None
 
 

@@ -206,6 +206,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check_choice(self.name, ("adamw", "adamw_kahan"), "optimizer", "optim")
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               f"optim.betas must be two numbers in [0, 1) (AdamW's beta1, beta2), got {self.betas}")
         _check_choice(self.schedule, ("constant", "cosine"), "lr schedule", "optim.schedule")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")

@@ -44,8 +44,8 @@ class ArithmeticConfig(TaskConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not all(d > 0 for d in self.digits):
-            raise ConfigError(f"task.digits must be positive, got {self.digits}")
+        if not (len(self.digits) > 0 and all(d > 0 for d in self.digits)):
+            raise ConfigError(f"task.digits must be a non-empty list of positive integers, got {self.digits}")
 
 
 class ArithmeticTask:
