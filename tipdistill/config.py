@@ -229,6 +229,8 @@ class LoggerConfig:
 
     def __post_init__(self) -> None:
         _check(self.table_every >= 0, f"logger.table_every must be >= 0 (0 = never), got {self.table_every}")
+        if self.mode is not None:  # wandb.init's modes; any other word failed there and the run went on without W&B
+            _check_choice(self.mode, ("online", "offline", "disabled", "shared", "dryrun", "run"), "W&B mode", "logger.mode")
 
 
 @dataclass
