@@ -92,6 +92,8 @@ def test_unknown_key_through_the_cli_is_one_line_before_any_work(tmp_path):
     (["~"], "'~' deletes nothing"),
     (["selector=[]"], "selector=[] removes 'selector', which every run needs"),  # an empty option list removes the group
     (["model=qwen3_8b_to_4b", "model.embedded.student.layers=2"], "model.embedded.student.layers is set, but model.embedded is null"),
+    (["+selector=full"], "'+selector=full' adds a second selector, but the config has one already; fix: choose it with selector=full"),
+    (["+experiment=table_q3"], "fix: choose it with experiment=table_q3 (no +)"),
 ])
 def test_hydra_errors_without_the_key_in_them_name_the_override(overrides, message):
     """Hydra's own words here ('Config group override must be a string or a list. Got NoneType',

@@ -228,6 +228,11 @@ def describe(exc: BaseException, schema: type, overrides: Iterable[str] = (), gr
     if "No match in the defaults list" in str(exc) and str(exc).startswith("Could not delete '"):
         name = str(exc).split("'")[1]
         return f"'~{name}' deletes nothing: no key or config group is called '{name}'; fix: drop it or name an existing key"
+    added = re.match(r"(\S+) appears more than once in the final defaults list|Multiple values for (\S+?)\.", str(exc))
+    if added:  # `+selector=full`: a group already in the defaults list is chosen without `+`
+        group = added.group(1) or added.group(2)
+        typed = next((o for o in overrides if o.startswith(f"+{group}=") or o.startswith(f"++{group}=")), f"+{group}=...")
+        return f"'{typed}' adds a second {group}, but the config has one already; fix: choose it with {typed.lstrip('+')} (no +)"
     if isinstance(exc, AssertionError) and str(exc).startswith("Unexpected type"):
         null = sorted(k for k, a in keys.items() if _section(a) is not None and type(None) in typing.get_args(a))
         culprits = [o.lstrip("+") for o in overrides if any(o.lstrip("+").startswith(n + ".") for n in null)]
