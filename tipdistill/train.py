@@ -181,7 +181,13 @@ def _restore(path: Path, state: dict, optimizer, scheduler, rng: random.Random, 
 def _truncate_metrics(path: Path, last_step: int) -> None:
     """Drop lines logged after the checkpoint, so a resumed run logs each step exactly once."""
     if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):  # a line cut short by the kill: its step is trained again
+                continue
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
