@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 import time
 from pathlib import Path
 
@@ -13,41 +12,12 @@ import pytest
 
 from tipdistill.config import ConfigError, LoggerConfig
 from tipdistill.sinks import SINKS, StepTimer, UpdateMemoryProbe, open_sink, resolve_wandb_mode, run_name_from_overrides
+from tipdistill.sinks import wandb_records as _wandb_records
 
 CONFIG = {"keep": 0.2, "seed": 1, "selector": {"name": "type_aware"}, "optim": {"lr": 0.0003}}
 
 
 # ---------------------------------------------------------------- reading an offline run back
-
-
-def _wandb_records(path: Path):
-    """The .wandb transaction log: a 7-byte file header, then LevelDB-log records in 32 KiB blocks.
-
-    wandb 0.31 has no Python reader any more (the Go core writes the file), so this is the format's
-    few lines: record header = crc32 (4) + length (2) + type (1: full, 2: first, 3: middle, 4: last).
-    """
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, buf, block = 7, b"", 32768
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:  # block tail too short for a header: zero padding
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if kind == 0:
-            pos += left
-            continue
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind in (1, 4):
-            raw, buf = buf + chunk, b""
-            record = pb.Record()
-            record.ParseFromString(raw)
-            yield record
-        else:
-            buf = chunk if kind == 2 else buf + chunk
 
 
 def read_offline_run(run_dir: Path) -> dict:

@@ -4,7 +4,9 @@
 `if wandb:`. Every `log` goes to `run_dir/metrics.jsonl` (flushed per line) and `summary` to
 `run_dir/summary.json` (atomic replace); `report.py` reads only these, so tables never depend on
 the network. The W&B part is the registered extra (`none` | `wandb`); when W&B fails at init or
-mid-run it warns once and becomes a no-op, the local files go on.
+mid-run it warns once and becomes a no-op, the local files go on. A resumed run continues the same
+W&B run (`wandb_run_id`), and of the steps it trains again after its checkpoint W&B gets only what
+its own transaction logs (`wandb/*run-*/run-<id>.wandb`) show it does not hold yet.
 
 Also here: `run_name_from_overrides` (run names and dir tags), `StepTimer` (`time/*`) and
 `UpdateMemoryProbe` (`mem/*`).
@@ -19,6 +21,8 @@ import netrc
 import numbers
 import os
 import re
+import secrets
+import struct
 import sys
 import tempfile
 import threading
@@ -59,6 +63,10 @@ def _first_line(exc: BaseException) -> str:
 class NullExtra:
     """No extra sink: every call is a no-op (nanochat's DummyWandb)."""
 
+    # (step, "metrics" | "tables/<name>") the remote run already holds from an earlier session of
+    # this run directory: a resumed run trains the steps after its checkpoint again
+    logged: frozenset = frozenset()
+
     def __init__(self, *args: Any, **kwargs: Any):
         pass
 
@@ -94,20 +102,91 @@ def resolve_wandb_mode(mode: Optional[str]) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") or _has_stored_login() else "offline"
 
 
+def wandb_run_id(run_dir: Path, *, resume: bool) -> tuple[str, bool]:
+    """(W&B run id, whether an earlier session of this run directory used it).
+
+    The one rule for the id: a new random id when a run starts (a fresh run in a reused directory is
+    a new W&B run), kept in `run_dir/wandb_run_id` and reused when the run resumes, so every session
+    of a run directory logs to one W&B run. (Requeued cluster jobs could derive it from the sweep
+    directory and job number instead: change it here.)"""
+    path = Path(run_dir) / "wandb_run_id"
+    if resume and path.is_file() and path.read_text().strip():
+        return path.read_text().strip(), True
+    run_id = secrets.token_hex(8)  # W&B ids: letters, digits, '-', '_'; 64 random bits
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(run_id + "\n")
+    os.replace(tmp, path)
+    return run_id, False
+
+
+def wandb_records(path: Path) -> Iterator[Any]:
+    """The records of a W&B transaction log (`run-<id>.wandb`), stopping at one cut short (a kill).
+
+    The file is LevelDB's log format: a 7-byte header (`:W&B`, magic, version), then records in
+    32 KiB blocks, each with a 7-byte header (crc32, length, kind: 1 full, 2 first, 3 middle,
+    4 last) and a serialised `wandb_internal_pb2.Record`. wandb 0.31 reads it in Go only."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        return
+    pos, buf, block = 7, b"", 32768
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
+        if kind == 0:  # zero padding to the end of the block
+            pos += left
+            continue
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if len(chunk) < length:
+            return
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            try:
+                record.ParseFromString(buf)
+            except Exception:  # noqa: BLE001 - a damaged record ends what can be trusted
+                return
+            yield record
+
+
+def wandb_logged(run_dir: Path, run_id: str) -> frozenset:
+    """(train/step, "metrics" | "tables/<name>") of every history row this machine's W&B sessions
+    of the run recorded. What an interrupted session only handed to wandb.log (lost when the
+    process was killed) is not there, so it is sent again rather than skipped."""
+    logged = set()
+    for path in Path(run_dir).glob(f"wandb/*run-*-{run_id}/run-{run_id}.wandb"):
+        try:
+            for record in wandb_records(path):
+                if record.WhichOneof("record_type") != "history":
+                    continue
+                keys = {item.key or item.nested_key[0]: item.value_json for item in record.history.item}
+                if "train/step" in keys:
+                    tables = sorted(k for k in keys if k.startswith("tables/"))
+                    logged.add((int(float(keys["train/step"])), tables[0] if tables else "metrics"))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read W&B log %s (%s); its steps may be logged twice", path, _first_line(exc))
+    return frozenset(logged)
+
+
 @SINKS.register("wandb")
 class WandbExtra(NullExtra):
-    """One W&B run per sink; x-axis `train/step` (never `step=`, P12); failures degrade to a no-op."""
+    """One W&B run per run directory; x-axis `train/step` (never `step=`, P12); failures degrade to a no-op."""
 
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, *, run_name: str, group: Optional[str], config: dict):
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, *, run_name: str, group: Optional[str], config: dict,
+                 resume: bool = False):
         self.run = None  # kept after a failure so close() can still finish it
         self.ok = False
         self._defined: set[str] = set()
         try:
             import wandb
 
+            run_id, continues = wandb_run_id(run_dir, resume=resume)
+            self.logged = wandb_logged(run_dir, run_id) if continues else frozenset()
             self.run = wandb.init(
                 project=cfg.project, entity=cfg.entity, mode=resolve_wandb_mode(cfg.mode), group=group,
                 name=run_name, job_type="train", tags=list(cfg.tags), dir=str(run_dir), config=config,
+                id=run_id, resume="allow",  # a resumed job continues the W&B run of its run directory
                 reinit="finish_previous",  # the default reuses the previous job's run in a multirun (P4)
             )
             self.run.define_metric("train/step")
@@ -196,7 +275,8 @@ class Sink:
         self.last_step = int(step)
         self._jsonl.write(json.dumps(metrics, default=_jsonable) + "\n")
         self._jsonl.flush()
-        self.extra.log(metrics)
+        if (self.last_step, "metrics") not in self.extra.logged:
+            self.extra.log(metrics)
 
     def log_table(self, name: str, df: Any) -> Path:
         """All rows to `tables/<name>_step<step>.parquet`; W&B gets a cut-down table (P13)."""
@@ -204,7 +284,8 @@ class Sink:
         path = self.run_dir / "tables" / f"{safe}_step{self.last_step}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         df.to_parquet(path, index=False)
-        self.extra.log_table(name, df, self.last_step)
+        if (self.last_step, f"tables/{name}") not in self.extra.logged:
+            self.extra.log_table(name, df, self.last_step)
         return path
 
     def summary(self, d: dict) -> None:
@@ -242,7 +323,7 @@ def open_sink(cfg: LoggerConfig, run_dir: Path, *, run_name: str, group: Optiona
     run_dir.mkdir(parents=True, exist_ok=True)
     extra_cls = SINKS.get(cfg.name)
     sink = Sink(run_dir, resume=resume)  # local files first: they exist even if W&B init hangs or dies
-    sink.extra = extra_cls(cfg, run_dir, run_name=run_name, group=group, config=config)
+    sink.extra = extra_cls(cfg, run_dir, run_name=run_name, group=group, config=config, resume=resume)
     return sink
 
 
