@@ -26,6 +26,7 @@ def _error(overrides: list[str]) -> str:
     ("++rollout.temprature=0.7", "rollout.temprature", "rollout.temperature"),
     ("+model.embedded.student.layer=3", "model.embedded.student.layer", "model.embedded.student.layers"),
     ("+eval.sample=4", "eval.sample", "eval.samples"),
+    ("+loger.mode=offline", "loger.mode", "logger.mode"),  # an unknown section: the whole path, not just 'loger'
 ])
 def test_unknown_key_names_the_key_and_the_nearest_known_one(override, key, nearest):
     message = _error([override])

@@ -112,6 +112,9 @@ CONFLICTS = [
     ["experiment=table_q3", "keep=2"],
     ["model=qwen3_8b_to_4b", "model.student=null"],
     ["rollout=hf", "rollout.engine=sglang"],
+    ["model.student_dtype=bfloat16"],
+    ["model.student_dtype=bfloat16", "optim=adamw_kahan"],
+    ["optim=adamw_kahan"],
 ]
 VALID = {  # small pools of values each valid on its own, mixed at random
     "keep": ["0.1", "0.2", "0.5", "1.0", "1"], "seed": ["0", "1", "7", "123456"], "steps": ["1", "5", "200"],
@@ -123,7 +126,7 @@ VALID = {  # small pools of values each valid on its own, mixed at random
     "optim.lr": ["1e-6", "3e-4"], "optim.schedule": ["constant", "cosine"], "optim.warmup_steps": ["0", "10", "1000"],
     "optim.min_lr_ratio": ["0", "0.1"], "scoring.chunk_size": ["1", "64", "512"], "loss.chunk_size": ["1", "512"],
     "eval.samples": ["1", "16"], "model.dtype": ["float32", "bfloat16"], "logger.mode": ["null", "offline", "disabled"],
-    "task.digits": ["[2]", "[2,3,4]", "[1,5]"], "autocast_bf16": ["true", "false"], "teacher_offload": ["true", "false"],
+    "task.digits": ["[2]", "[2,3,4]", "[1,5]"], "gradient_checkpointing": ["true", "false"], "teacher_offload": ["true", "false"],
 }
 
 
@@ -309,7 +312,7 @@ def _names_the_input(message: str, overrides: list[str]) -> bool:
     words = set()
     for ov in overrides:
         key = ov.lstrip("+~").split("=", 1)[0]
-        words |= {ov, key, key.rsplit(".", 1)[-1]}
+        words |= {ov, key, key.rsplit(".", 1)[-1], key.split(".", 1)[0]}
     return any(w and w in message for w in words)
 
 

@@ -108,7 +108,11 @@ def _check_node(node: dict, section: type, prefix: str, schema: type, groups: se
     fields = _fields(section)
     for key in node:
         if key not in fields:
-            return unknown_key(prefix + str(key), schema)
+            path, value = f"{prefix}{key}", node[key]
+            while isinstance(value, dict) and len(value) == 1:  # `+loger.mode=x` made {loger: {mode: x}}: name all of it
+                (child, value), = value.items()
+                path += f".{child}"
+            return unknown_key(path, schema)
     for name, annotation in fields.items():
         if name not in node:
             return removed_key(prefix + name, schema, groups)
