@@ -262,7 +262,7 @@ RULES = [
         c.scoring.entropy_threshold, c.selector.rkl_clip_quantile or 1,
         *[(n.stop_accuracy or 1) for n in ((c.model.embedded.teacher, c.model.embedded.student) if c.model.embedded else ())]))),
     ("no negative counts, sizes, rates or thresholds", lambda c: all(v >= 0 for k, v in _numbers(c) if not k.endswith("seed"))),
-    ("grad_clip, lr, kv cache, batch sizes > 0", lambda c: min(c.optim.grad_clip, c.optim.lr, c.rollout.kv_cache_gib,
+    ("grad_clip, lr, eps, kv cache, batch sizes > 0", lambda c: min(c.optim.grad_clip, c.optim.lr, c.optim.eps, c.rollout.kv_cache_gib,
                                                                c.rollout.max_num_seqs, c.scoring.token_dump_sequences) > 0),
     ("AdamW's two betas in [0, 1)", lambda c: len(c.optim.betas) == 2 and all(0 <= b < 1 for b in c.optim.betas)),
     ("task.digits non-empty", lambda c: len(c.task.digits) > 0),

@@ -192,6 +192,7 @@ def test_checkpoint_rotation_keeps_the_last_n(tmp_path, tiny_model):
     # ranges nothing checked (found by the override fuzzer)
     ("optim.grad_clip=-0.5", "optim.grad_clip must be > 0"),
     ("optim.weight_decay=-1", "optim.weight_decay must be >= 0"),
+    ("optim.eps=0", "optim.eps must be > 0"),
     ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio must be in [0, 1]"),
     ("rollout.max_num_seqs=-1", "rollout.max_num_seqs must be > 0"),
     ("rollout.kv_cache_gib=-0.5", "rollout.kv_cache_gib must be > 0"),

@@ -211,6 +211,7 @@ class OptimConfig:
         _check_choice(self.schedule, ("constant", "cosine"), "lr schedule", "optim.schedule")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.eps > 0, f"optim.eps must be > 0 (it keeps AdamW's denominator off zero), got {self.eps}")
         _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1] (a fraction of optim.lr), got {self.min_lr_ratio}")
         # a negative max norm flips the gradient's sign in clip_grad_norm_; zero stops learning
         _check(self.grad_clip > 0, f"optim.grad_clip must be > 0 (the max gradient norm), got {self.grad_clip}")
