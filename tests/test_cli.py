@@ -57,6 +57,7 @@ def test_bad_input_is_one_clear_line(tmp_path, tiny_pair, args, message):
     (["rollout.temprature=0.5"], "unknown config key 'rollout.temprature'; the nearest known key is 'rollout.temperature'"),
     (["~selector.name"], "~selector.name removes 'selector.name', which every run needs"),
 ])
+@pytest.mark.integration
 def test_composition_errors_are_one_line_too(tmp_path, args, message):
     """Hydra's own errors (several lines, exit 1) reach the user as one line and exit code 2."""
     out = cli(["train", *args], tmp_path)

@@ -78,6 +78,7 @@ def test_every_shipped_option_uses_only_known_keys(option):
     assert check_keys(compose([option]), TrainConfig, [option]) is None
 
 
+@pytest.mark.integration
 def test_unknown_key_through_the_cli_is_one_line_before_any_work(tmp_path):
     out = cli(["train", *TINY_PAIR, "+selector.kep=0.2"], tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
