@@ -49,6 +49,15 @@ def _newest_checkpoint(run: Path) -> int:
     return max((int(p.name.removeprefix("step_")) for p in run.glob("checkpoints/step_*")), default=0)
 
 
+def _wait_for_exit_record(run_dir: Path, timeout: float = 30.0) -> None:
+    """run.finish() can return before wandb-core's writer reaches the file: the newest session's log
+    ends in an `exit` record once it is complete."""
+    path = max((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    deadline = time.monotonic() + timeout
+    while not any(r.HasField("exit") for r in wandb_records(path)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def logged(rows: list[dict]) -> collections.Counter:
     """(train/step, metric) -> how often the history holds it."""
     return collections.Counter((row["train/step"], key) for row in rows for key in row if key not in BOOKKEEPING)
@@ -126,6 +135,7 @@ def test_a_resumed_sink_skips_only_what_wandbs_own_log_holds(hermetic_wandb, tmp
         for step in range(3):
             sink.log({"step": step, "train/loss": 1.0 / (step + 1)})
             sink.log_table("rollouts", pd.DataFrame({"step": [step]}))
+    _wait_for_exit_record(tmp_path)
     (first,) = sessions(tmp_path)
     run_id = first["run_id"]
     assert wandb_logged(tmp_path, run_id) == {(s, w) for s in range(3) for w in ("metrics", "tables/rollouts")}
@@ -139,6 +149,7 @@ def test_a_resumed_sink_skips_only_what_wandbs_own_log_holds(hermetic_wandb, tmp
         for step in range(1, 4):  # resumed from a checkpoint at step 0
             sink.log({"step": step, "train/loss": 1.0 / (step + 1)})
             sink.log_table("rollouts", pd.DataFrame({"step": [step]}))
+    _wait_for_exit_record(tmp_path)
     first, second = sessions(tmp_path)
     assert first["run_id"] == second["run_id"] == run_id
     counts = logged(first["history"] + second["history"])

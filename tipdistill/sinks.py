@@ -155,7 +155,7 @@ def wandb_logged(run_dir: Path, run_id: str) -> frozenset:
     of the run recorded. What an interrupted session only handed to wandb.log (lost when the
     process was killed) is not there, so it is sent again rather than skipped."""
     logged = set()
-    for path in Path(run_dir).glob(f"wandb/*run-*-{run_id}/run-{run_id}.wandb"):
+    for path in Path(run_dir).glob(f"wandb/*/run-{run_id}.wandb"):  # one folder per session (W&B adds -1 within a second)
         try:
             for record in wandb_records(path):
                 if record.WhichOneof("record_type") != "history":
