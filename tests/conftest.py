@@ -115,12 +115,12 @@ def load_config(overrides: list[str]):
     """What `tipdistill train <overrides>` does before any work: Hydra composition, then validation.
     Returns the TrainConfig, or raises ConfigError with the one line the CLI prints (exit code 2)."""
     from tipdistill.bad_input import describe
-    from tipdistill.config import ConfigError, TrainConfig, config_groups, validate
+    from tipdistill.config import ConfigError, chosen_task, config_groups, schema_for, validate
 
     try:
         cfg = compose(overrides)
     except Exception as exc:  # the CLI words composition errors the same way (cli._run_app)
-        line = describe(exc, TrainConfig, overrides, config_groups())
+        line = describe(exc, schema_for(chosen_task(overrides)), overrides, config_groups())
         if line is None:
             raise
         raise ConfigError(line) from None

@@ -40,7 +40,7 @@ def test_unknown_key_names_the_key_and_the_nearest_known_one(override, key, near
     ("~selector", "pick an option instead (selector=<name>"),  # a config group: the schema would refill it silently
     ("~logger", "pick an option instead (logger=<name>"),
     ("~model.embedded", "set model.embedded=null to unset it"),
-    ("~task.path", "set task.path=null to unset it"),
+    ("~task.digits", "set task.digits=<value> instead"),  # a field of the chosen task's own config
     ("~scoring", "set single keys instead (scoring.<key>=<value>)"),
 ])
 def test_removing_a_key_every_run_needs_is_an_error(override, fix):
@@ -73,9 +73,12 @@ def _options() -> list[str]:
 def test_every_shipped_option_uses_only_known_keys(option):
     """No false alarms: every YAML under conf/ composes into keys the schema knows."""
     from tipdistill.bad_input import check_keys
-    from tipdistill.config import TrainConfig
+    from omegaconf import OmegaConf
 
-    assert check_keys(compose([option]), TrainConfig, [option]) is None
+    from tipdistill.config import schema_for
+
+    cfg = compose([option])
+    assert check_keys(cfg, schema_for(OmegaConf.get_type(cfg, "task")), [option]) is None
 
 
 @pytest.mark.integration
@@ -101,3 +104,8 @@ def test_hydra_errors_without_the_key_in_them_name_the_override(overrides, messa
     """Hydra's own words here ('Config group override must be a string or a list. Got NoneType',
     'Unexpected type: None') name neither the override nor the fix; found by the override fuzzer."""
     assert message in _error(overrides)
+
+
+def test_removing_a_field_of_the_task_chosen_on_the_command_line_is_an_error():
+    message = _error(["task=math500", "~task.path"])
+    assert "~task.path removes 'task.path', which every run needs" in message and "set task.path=null" in message

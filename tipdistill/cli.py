@@ -19,7 +19,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tipdistill.bad_input import describe
-from tipdistill.config import CONF_DIR, ConfigError, TrainConfig, config_groups, register_configs, to_plain, validate
+from tipdistill.config import (CONF_DIR, ConfigError, chosen_task, config_groups, register_configs, schema_for, to_plain,
+                               validate)
 log = logging.getLogger("tipdistill")
 
 
@@ -157,7 +158,8 @@ def _run_app(task) -> None:
     try:
         _hydra_app(_tracked(task))()
     except Exception as exc:
-        line = None if _in_task else describe(exc, TrainConfig, [a for a in sys.argv[1:] if not a.startswith("-")], config_groups())
+        overrides = [a for a in sys.argv[1:] if not a.startswith("-")]
+        line = None if _in_task else describe(exc, schema_for(chosen_task(overrides)), overrides, config_groups())
         if line is None:
             raise
         _fail(ConfigError(line))

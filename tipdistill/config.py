@@ -337,6 +337,37 @@ def register_configs() -> None:
         cs.store(group="task", name=f"{name}_schema", node=TASKS.get(name).config)
 
 
+def chosen_task(overrides: Iterable[str] = ()) -> str:
+    """The task a command line picks: its last `task=` override, else the one conf/train.yaml's defaults
+    list names. Lets a composition error be checked against the right task's keys (no composed config yet;
+    a task chosen inside an experiment file is not seen here, so such errors fall back to the base keys)."""
+    from omegaconf import OmegaConf
+
+    picked = [o.lstrip("+").split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("task=")]
+    if picked:
+        return picked[-1]
+    defaults = OmegaConf.load(CONF_DIR / "train.yaml").defaults
+    return next(str(d["task"]) for d in defaults if not isinstance(d, str) and "task" in d)
+
+
+def schema_for(task: Any) -> type:
+    """The schema a config is checked against: TrainConfig with `task` narrowed to one task's own config
+    class (each task owns its fields), so `task.digits` is known with arithmetic and `task.path` is an
+    unknown key there. `task`: that class, or a task name; anything else keeps the base."""
+    import dataclasses
+
+    from tipdistill.tasks import TASKS
+
+    own = task if isinstance(task, type) and issubclass(task, TaskConfig) else None
+    if own is None and isinstance(task, str) and task in TASKS:
+        own = TASKS.get(task).config
+    if own is None or own is TaskConfig:
+        return TrainConfig
+    # the narrowed class only describes keys; range checks run when the real TrainConfig is built
+    return dataclasses.make_dataclass(f"TrainConfig_{own.__name__}", [("task", own, field(default_factory=own))],
+                                      bases=(TrainConfig,), namespace={"__post_init__": lambda self: None})
+
+
 def validate(cfg, overrides: Iterable[str] = ()) -> TrainConfig:
     """Turn the composed config into a typed, range-checked TrainConfig (raises ConfigError).
 
@@ -346,7 +377,8 @@ def validate(cfg, overrides: Iterable[str] = ()) -> TrainConfig:
 
     from tipdistill import bad_input
 
-    problem = bad_input.check_keys(cfg, TrainConfig, overrides, config_groups())
+    schema = schema_for(OmegaConf.get_type(cfg, "task"))  # the composed task node's own class
+    problem = bad_input.check_keys(cfg, schema, overrides, config_groups())
     if problem is not None:
         raise ConfigError(problem)
     try:
@@ -354,7 +386,7 @@ def validate(cfg, overrides: Iterable[str] = ()) -> TrainConfig:
     except ConfigError:
         raise
     except Exception as exc:  # omegaconf's errors (types, interpolations): one line; anything else is a bug
-        line = bad_input.describe(exc, TrainConfig, overrides, config_groups())
+        line = bad_input.describe(exc, schema, overrides, config_groups())
         if line is None:
             raise
         raise ConfigError(line) from None
