@@ -156,11 +156,14 @@ def test_the_update_step_imports_with_torch_and_transformers_only():
     import sys
 
     code = (
-        "import importlib.abc, sys\n"
-        "class Block(importlib.abc.MetaPathFinder):\n"
+        "import importlib.abc, importlib.machinery, sys\n"
+        # importing a blocked package fails; probing for it (accelerate asks find_spec('wandb')) does not
+        "class Block(importlib.abc.MetaPathFinder, importlib.abc.Loader):\n"
         "    def find_spec(self, name, path, target=None):\n"
         "        if name.split('.')[0] in ('hydra', 'omegaconf', 'wandb', 'vllm'):\n"
-        "            raise ImportError('blocked: ' + name)\n"
+        "            return importlib.machinery.ModuleSpec(name, self)\n"
+        "    def create_module(self, spec):\n"
+        "        raise ImportError('blocked: ' + spec.name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "import tipdistill.update, tipdistill.teacher, tipdistill.runtime\n"
         "from tipdistill.config import TrainConfig\n"
