@@ -51,7 +51,7 @@ def test_no_option_file_restates_a_schema_default():
 
 
 def test_the_checker_sees_a_restated_default():
-    assert restated_defaults({"steps": 200, "seed": 5, "scoring": {"chunk_size": 512}}, TrainConfig(), "") == ["steps", "scoring.chunk_size"]
+    assert restated_defaults({"steps": 200, "seed": 5, "scoring": {"entropy_threshold": 0.1}}, TrainConfig(), "") == ["steps", "scoring.entropy_threshold"]
 
 
 def test_composed_defaults_are_the_schemas():

@@ -1,4 +1,4 @@
-"""[5] Divergences against formulas written out in float64, and the lean kept-token loss against the naive one.
+"""[5] Divergences against formulas written out in float64 (the fused loss against them: test_fused_head.py).
 
 Run: python -m pytest tests/test_losses.py -q
 """
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from tipdistill.losses import DIVERGENCES, forward_kl, jsd, kept_token_loss, naive_masked_loss, reverse_kl
+from tipdistill.losses import DIVERGENCES, forward_kl, jsd, reverse_kl
 
 NAMES = ["reverse_kl", "forward_kl", "jsd"]
 
@@ -114,126 +114,3 @@ def test_support_mismatch_is_inf_only_where_the_math_says():
     assert reverse_kl(s, t).item() == math.inf
     assert forward_kl(s, t).item() == pytest.approx(math.log(1.5), abs=1e-6)
     assert math.isfinite(jsd(s, t, 0.5).item())
-
-
-# --- kept_token_loss vs naive_masked_loss ----------------------------------------------------------------
-
-
-def _setup(seed=0, B=3, T=7, H=5, Vs=11, Vt=11, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    student_head = torch.nn.Linear(H, Vs, bias=False, dtype=dtype)
-    teacher_head = torch.nn.Linear(H, Vt, bias=False, dtype=dtype)
-    with torch.no_grad():
-        student_head.weight.copy_(torch.randn(Vs, H, generator=g, dtype=dtype))
-        teacher_head.weight.copy_(torch.randn(Vt, H, generator=g, dtype=dtype))
-    teacher_head.requires_grad_(False)
-    sh = torch.randn(B, T, H, generator=g, dtype=dtype)
-    th = torch.randn(B, T, H, generator=g, dtype=dtype)
-    mask = torch.rand(B, T, generator=g) < 0.7
-    mask[0, 0] = True
-    mask[-1] = False  # an empty rollout
-    return sh, th, mask, student_head, teacher_head
-
-
-def _loss_and_grads(fn, sh, th, mask, student_head, teacher_head, **kw):
-    sh = sh.clone().requires_grad_(True)
-    student_head.weight.grad = None
-    loss, n = fn(sh, th, mask, student_head, teacher_head, **kw)
-    loss.backward()
-    return loss.detach(), n, sh.grad.clone(), student_head.weight.grad.clone()
-
-
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
-def test_kept_full_mask_equals_naive(name, chunk_size):
-    sh, th, mask, student_head, teacher_head = _setup()
-    lean = _loss_and_grads(kept_token_loss, sh, th, mask, student_head, teacher_head, divergence=name, beta=0.3, chunk_size=chunk_size)
-    naive = _loss_and_grads(naive_masked_loss, sh, th, mask, student_head, teacher_head, divergence=name, beta=0.3)
-    assert lean[1] == naive[1] == int(mask.sum())
-    for a, b in zip((lean[0], lean[2], lean[3]), (naive[0], naive[2], naive[3])):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_kept_partial_mask_equals_naive_on_kept_tokens(name):
-    sh, th, mask, student_head, teacher_head = _setup(seed=3)
-    g = torch.Generator().manual_seed(4)
-    keep = mask & (torch.rand(mask.shape, generator=g) < 0.5)
-    assert 0 < keep.sum() < mask.sum()
-    lean = _loss_and_grads(kept_token_loss, sh, th, keep, student_head, teacher_head, divergence=name, beta=0.7, chunk_size=3)
-    naive = _loss_and_grads(naive_masked_loss, sh, th, keep, student_head, teacher_head, divergence=name, beta=0.7)
-    # and by hand: the divergence of each kept row, from the float64 formula
-    ps = probs64(student_head(sh[keep]).detach())
-    pt = probs64(teacher_head(th[keep]))
-    if name == "reverse_kl":
-        torch.testing.assert_close(lean[0], kl64(ps, pt).sum(), atol=1e-9, rtol=1e-9)
-    assert lean[1] == naive[1] == int(keep.sum())
-    for a, b in zip((lean[0], lean[2], lean[3]), (naive[0], naive[2], naive[3])):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
-    assert (lean[2][~keep] == 0).all()  # no gradient reaches dropped positions
-
-
-def test_vocab_width_prefix():
-    sh, th, mask, student_head, teacher_head = _setup(Vs=13, Vt=11)
-    lean = _loss_and_grads(kept_token_loss, sh, th, mask, student_head, teacher_head, divergence="reverse_kl", beta=0.5, chunk_size=2, vocab_width=11)
-    naive = _loss_and_grads(naive_masked_loss, sh, th, mask, student_head, teacher_head, divergence="reverse_kl", beta=0.5, vocab_width=11)
-    torch.testing.assert_close(lean[0], naive[0])
-    torch.testing.assert_close(lean[3], naive[3])
-    assert (lean[3][11:] == 0).all()  # padded head rows get no gradient
-    ps, pt = probs64(student_head(sh[mask])[:, :11].detach()), probs64(teacher_head(th[mask]))
-    torch.testing.assert_close(lean[0], kl64(ps, pt).sum())
-
-
-def test_all_masked_is_zero_without_nan():
-    sh, th, mask, student_head, teacher_head = _setup()
-    sh = sh.clone()
-    sh[0, 0] = math.nan  # padding garbage must not leak into an empty loss
-    sh.requires_grad_(True)
-    loss, n = kept_token_loss(sh, th, torch.zeros_like(mask), student_head, teacher_head, "reverse_kl", 0.5, 4)
-    assert n == 0 and loss.item() == 0.0
-    loss.backward()
-    assert (sh.grad == 0).all()
-
-
-def test_low_precision_inputs_give_fp32_loss():
-    sh, th, mask, student_head, teacher_head = _setup(dtype=torch.bfloat16)
-    loss, n = kept_token_loss(sh.requires_grad_(True), th, mask, student_head, teacher_head, "reverse_kl", 0.5, 4)
-    assert loss.dtype == torch.float32 and torch.isfinite(loss)
-    loss.backward()
-    assert torch.isfinite(sh.grad.float()).all()
-
-
-def _saved_numels(fn, *args, **kw):
-    """Element counts of every tensor autograd saves for backward during fn's forward."""
-    numels = []
-
-    def pack(t):
-        numels.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, n = fn(*args, **kw)
-    return loss, n, numels
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_lean_path_saves_no_tokens_by_vocab_tensor(name):
-    B, T, H, V, K, chunk = 2, 40, 8, 1000, 50, 16
-    g = torch.Generator().manual_seed(0)
-    student_head = torch.nn.Linear(H, V, bias=False)
-    teacher_head = torch.nn.Linear(H, V, bias=False).requires_grad_(False)
-    sh = torch.randn(B, T, H, generator=g, requires_grad=True)
-    th = torch.randn(B, T, H, generator=g)
-    keep = torch.zeros(B * T, dtype=torch.bool)
-    keep[torch.randperm(B * T, generator=g)[:K]] = True
-    keep = keep.view(B, T)
-
-    loss, n, numels = _saved_numels(kept_token_loss, sh, th, keep, student_head, teacher_head, name, 0.5, chunk)
-    assert n == K and numels, "hooks saw nothing: the check would be vacuous"
-    assert max(numels) < K * V, f"lean path saved a tensor of {max(numels)} elements (K*V = {K * V})"
-    assert max(numels) <= max(chunk * H, V * H, B * T)  # chunk inputs, the head weight, indices at most
-    loss.backward()  # the recompute in backward works
-
-    loss_naive, _, numels_naive = _saved_numels(naive_masked_loss, sh, th, keep, student_head, teacher_head, name, 0.5)
-    assert max(numels_naive) >= K * V  # the naive path does hold (tokens x vocab) state: the test can fail
-    torch.testing.assert_close(loss, loss_naive, atol=1e-4, rtol=1e-5)

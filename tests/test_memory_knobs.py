@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from conftest import random_rollout, tiny_qwen
-from tipdistill.losses import kept_token_loss
+from tipdistill.fused_head import kept_token_loss
 from tipdistill.models import resident_head
 from tipdistill.teacher import response_hidden
 

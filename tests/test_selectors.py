@@ -256,3 +256,18 @@ def test_an_infinite_reverse_kl_ranks_first_for_type_aware_as_for_divergence():
     # the two top scores (inf -> 1 and the largest finite -> 1) are kept, before the rest
     assert select("type_aware", st, keep=0.5).tolist() == [[False, True, True, False]]
     assert select("type_aware_bottom", st, keep=0.5).tolist() == [[True, False, False, True]]
+
+
+@pytest.mark.parametrize("name", list(SELECTORS))
+def test_each_selector_reads_only_the_statistics_it_declares(name):
+    """The statistics pass computes scoring.METRIC_STATS plus a selector's `reads`; anything else is None, so a
+    selector that read an undeclared statistic would fail here instead of ranking by a missing value."""
+    from tipdistill.scoring import METRIC_STATS
+
+    full = random_stats(3, 4, 9)
+    declared = METRIC_STATS | SELECTORS.get(name).reads
+    assert declared <= {"h", "rkl", "fkl"}
+    stats = TokenStats(h_B_T=full.h_B_T, rkl_B_T=full.rkl_B_T, mask_B_T=full.mask_B_T,
+                       fkl_B_T=full.fkl_B_T if "fkl" in declared else None)
+    keep = SELECTORS.get(name).select(stats, 0.5, SelectorConfig(name=name), torch.Generator().manual_seed(0))
+    assert torch.equal(keep, SELECTORS.get(name).select(full, 0.5, SelectorConfig(name=name), torch.Generator().manual_seed(0)))

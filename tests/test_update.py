@@ -10,7 +10,8 @@ import torch
 
 from conftest import random_rollout, tiny_qwen
 from tipdistill.config import LossConfig, OptimConfig, SelectorConfig, TrainConfig
-from tipdistill.losses import kept_token_loss, naive_masked_loss
+from tipdistill.fused_head import kept_token_loss
+from tipdistill.losses import naive_masked_loss
 from tipdistill.runtime import LocalRuntime
 from tipdistill.teacher import Teacher, response_hidden
 from tipdistill.update import PHASES, Heads, make_optimizer, update_step
@@ -88,7 +89,9 @@ def test_full_step_equals_a_hand_written_all_token_update():
     assert result.metrics["train/kept_tokens"] == n == int(rollout.response_mask_B_T.sum())
     for (name, a), b in zip(student.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5, msg=name)
-    assert set(phases) == set(PHASES)  # every phase it reports maps to a loop metric
+    # every phase it reports maps to a loop metric; full has no statistics pass (its loss pass yields them),
+    # and with two micro-batches the student's forward runs inside each one's loss
+    assert set(phases) == set(PHASES) - {"statistics", "student_forward"}
 
 
 def test_the_loss_seam_is_called_and_a_non_finite_step_is_skipped():
@@ -107,3 +110,28 @@ def test_the_loss_seam_is_called_and_a_non_finite_step_is_skipped():
     for name, p in student.named_parameters():
         assert torch.equal(p, before[name]), name  # not applied
         assert p.grad is None  # and no gradient left behind for the next step
+
+
+@pytest.mark.parametrize("micro_batch_size", [64, 2])
+def test_full_takes_its_statistics_from_the_loss_pass(micro_batch_size):
+    """selector=full runs no statistics pass: its loss pass sees every token and hands out h, rkl and fkl,
+    equal to the statistics pass's on the same weights."""
+    from tipdistill.update import statistics
+
+    cfg = config(micro_batch_size=micro_batch_size)
+    student, heads, rollout, t_hidden, _, _ = setup(cfg)
+    expected, _ = statistics(student, rollout, t_hidden, heads, cfg, RUNTIME)  # before the step moves the weights
+    _, result, phases = step(cfg)
+    assert "statistics" not in phases
+    for name in ("h_B_T", "rkl_B_T", "fkl_B_T"):
+        torch.testing.assert_close(getattr(result.stats, name), getattr(expected, name), rtol=1e-5, atol=1e-6)
+    assert result.metrics["score/fkl_mean"] == pytest.approx(float(expected.fkl_B_T.sum() / expected.mask_B_T.sum()), rel=1e-5)
+
+
+def test_a_selective_step_computes_fkl_only_for_a_selector_that_reads_it():
+    _, aware, phases = step(config(selector=SelectorConfig(name="type_aware"), keep=0.5))
+    _, q3, _ = step(config(selector=SelectorConfig(name="q3"), keep=0.5))
+    assert "statistics" in phases
+    assert aware.stats.fkl_B_T is None and "score/fkl_mean" not in aware.metrics  # absent, not a placeholder 0
+    assert q3.stats.fkl_B_T is not None and q3.metrics["score/fkl_mean"] > 0
+    assert aware.metrics["score/rkl_mean"] == pytest.approx(q3.metrics["score/rkl_mean"])

@@ -162,14 +162,14 @@ class SelectorConfig:
 class ScoringConfig:
     """[4a] Per-token statistics: chunking and the (configurable, paper-less) quadrant thresholds."""
 
-    chunk_size: int = 512  # positions per LM-head chunk; bounds the no-grad logits buffer
+    chunk_size: Optional[int] = None  # positions per LM-head chunk (bounds the logits buffers); null: the device's measured default (fused_head.CHUNK_ROWS)
     entropy_threshold: float = 0.1  # h (entropy / ln|V|) above this counts as "high entropy"
     rkl_threshold: float = 0.1  # reverse KL (nats) above this counts as "high divergence"
     token_dump_every: int = 50  # steps between per-token parquet dumps (0 = never)
     token_dump_sequences: int = 4  # rollouts per dump
 
     def __post_init__(self) -> None:
-        _check(self.chunk_size > 0, f"scoring.chunk_size must be > 0, got {self.chunk_size}")
+        _check(self.chunk_size is None or self.chunk_size > 0, f"scoring.chunk_size must be > 0 (or null), got {self.chunk_size}")
         _check(0 <= self.entropy_threshold <= 1, f"scoring.entropy_threshold must be in [0, 1] (h is entropy / ln|V|), got {self.entropy_threshold}")
         _check(self.rkl_threshold >= 0, f"scoring.rkl_threshold must be >= 0 (nats), got {self.rkl_threshold}")
         _check(self.token_dump_every >= 0, f"scoring.token_dump_every must be >= 0 (0 = never), got {self.token_dump_every}")
@@ -182,11 +182,11 @@ class LossConfig:
 
     name: str = "reverse_kl"  # reverse_kl = KL(student||teacher) | forward_kl = KL(teacher||student) | jsd
     beta: float = 0.5  # jsd only: 0 -> forward KL end, 1 -> reverse KL end (TRL's convention)
-    chunk_size: int = 512  # kept positions per LM-head chunk in the grad path
+    chunk_size: Optional[int] = None  # kept positions per LM-head chunk of the fused loss; null: the device's measured default
 
     def __post_init__(self) -> None:
         _check(0 <= self.beta <= 1, f"loss.beta must be in [0, 1], got {self.beta}")
-        _check(self.chunk_size > 0, f"loss.chunk_size must be > 0, got {self.chunk_size}")
+        _check(self.chunk_size is None or self.chunk_size > 0, f"loss.chunk_size must be > 0 (or null), got {self.chunk_size}")
 
 
 @dataclass

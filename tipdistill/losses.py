@@ -1,10 +1,10 @@
-"""[5] Masked divergence over kept positions only: project just the kept hidden states, chunk by chunk.
+"""[5] The registered per-token divergences (autograd, on logits) and the peer-style reference loss.
 
-The memory saving of TIP lives here. `kept_token_loss` never holds a (kept tokens x vocab) tensor with
-autograd state: each chunk's LM-head projection and divergence run inside a non-reentrant activation
-checkpoint, so autograd keeps only the chunk's hidden states and recomputes the logits in backward.
-`naive_masked_loss` is the peer-style baseline (all logits with grad, mask afterwards), kept for tests
-and benchmarks. Losses return `(sum, count)`; the caller divides (mean over kept tokens, TIP Eq. 9).
+The loss the update trains with is `fused_head.kept_token_loss`: the same divergences with analytic
+gradients, fused with the LM heads over the kept positions only. The functions here are the
+definitions it is tested against (values and gradients, float64): `DIVERGENCES` by name (also the
+config's list of loss names), `naive_masked_loss` the peer-style baseline (all logits with grad, mask
+afterwards). Losses return `(sum, count)`; the caller divides (mean over kept tokens, TIP Eq. 9).
 
 Divergences take logits [N, V] and follow the conventions of `numerics.py` (fp32 at least, full
 vocabulary, -inf logits are zero probability, never NaN).
@@ -13,11 +13,10 @@ vocabulary, -inf logits are zero probability, never NaN).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from tipdistill.numerics import Head, head_logits, kl_logp, upcast
 from tipdistill.registry import Registry
@@ -74,64 +73,6 @@ def jsd(student_logits_N_V: torch.Tensor, teacher_logits_N_V: torch.Tensor, beta
 # --- losses over positions ----------------------------------------------------------------------------
 
 
-def _chunk_divergence_sum(
-    s_C_H: torch.Tensor,
-    t_C_H: torch.Tensor,
-    student_head: Head,
-    teacher_head: Head,
-    divergence_fn: Callable,
-    beta: float,
-    vocab_width: Optional[int],
-) -> torch.Tensor:
-    """Sum of the divergence over one chunk. Runs under checkpoint: everything here is recomputed in
-    backward, so only (s_C_H, t_C_H) stay alive between forward and backward."""
-    with torch.no_grad():  # the teacher is frozen; recomputing its chunk logits beats holding K x V
-        t_logits_C_V = head_logits(teacher_head, t_C_H, vocab_width)
-    s_logits_C_V = head_logits(student_head, s_C_H, vocab_width)
-    return divergence_fn(s_logits_C_V, t_logits_C_V, beta).sum()
-
-
-def kept_token_loss(
-    student_hidden_B_T_H: torch.Tensor,
-    teacher_hidden_B_T_H: torch.Tensor,
-    keep_mask_B_T: torch.Tensor,
-    student_head: Head,
-    teacher_head: Head,
-    divergence: str,
-    beta: float,
-    chunk_size: int,
-    vocab_width: Optional[int] = None,
-) -> tuple[torch.Tensor, int]:
-    """Divergence summed over the kept positions only -> (loss_sum scalar with grad, n_kept).
-
-    `*_hidden_B_T_H[b, t]` is the final hidden state that predicts response token t (already shifted).
-    Memory: O(chunk_size x V) logits at any time, forward and backward; O(K x H) hidden states.
-    """
-    divergence_fn = DIVERGENCES.get(divergence)
-    B, T, H = student_hidden_B_T_H.shape
-    idx_K = keep_mask_B_T.reshape(-1).nonzero().squeeze(1)  # host sync: the count sizes the loop
-    n_kept = int(idx_K.numel())
-    if n_kept == 0:
-        # An empty sum is 0 with a grad path, and cannot pick up NaN/inf from padding positions.
-        return student_hidden_B_T_H.reshape(-1)[:0].sum(), 0
-
-    # One gather and one split: their backwards are a single index_put and a single cat. Slicing in a
-    # loop instead would make every chunk's backward allocate a full K x H zero tensor.
-    s_K_H = student_hidden_B_T_H.reshape(B * T, H)[idx_K]
-    with torch.no_grad():
-        t_K_H = teacher_hidden_B_T_H.reshape(B * T, -1)[idx_K]
-    loss_sum = None
-    for s_C_H, t_C_H in zip(s_K_H.split(chunk_size), t_K_H.split(chunk_size)):
-        # Non-reentrant checkpoint: autograd saves the chunk inputs only; logits and log-softmax are
-        # rebuilt in backward. The function is deterministic, so the RNG state need not be stashed.
-        chunk_sum = checkpoint(
-            _chunk_divergence_sum, s_C_H, t_C_H, student_head, teacher_head, divergence_fn, beta, vocab_width,
-            use_reentrant=False, preserve_rng_state=False,
-        )
-        loss_sum = chunk_sum if loss_sum is None else loss_sum + chunk_sum
-    return loss_sum, n_kept
-
-
 def naive_masked_loss(
     student_hidden_B_T_H: torch.Tensor,
     teacher_hidden_B_T_H: torch.Tensor,
@@ -143,7 +84,7 @@ def naive_masked_loss(
     vocab_width: Optional[int] = None,
 ) -> tuple[torch.Tensor, int]:
     """Peer-style reference -> (loss_sum, count): whole-batch (B*T x V) logits with grad, divergence at
-    every position, masked afterwards. Correct but saves no memory; for tests and the benchmark only."""
+    every position, masked afterwards. Correct but saves no memory; the tests' reference."""
     divergence_fn = DIVERGENCES.get(divergence)
     B, T, H = student_hidden_B_T_H.shape
     with torch.no_grad():

@@ -77,18 +77,23 @@ def load_model(name: str, dtype: str, device: torch.device, *, trainable: bool, 
     return model
 
 
-def resident_head(model, device: torch.device):
-    """The LM head as a callable that stays on `device` when the body (`model.model`) is moved away.
+def resident_head(model, device: torch.device) -> torch.nn.Linear:
+    """The LM head as a linear layer that stays on `device` when the body (`model.model`) is moved away.
 
     Tied embeddings (small Qwen models) share one tensor between the input embedding and the head,
-    so moving the body would take the head with it: those get a copy on `device`."""
+    so moving the body would take the head with it: those get a frozen copy on `device` (still a
+    `nn.Linear`, which the fused LM-head pass projects through)."""
     head = model.get_output_embeddings()
     embed = model.get_input_embeddings()
     if embed is None or head.weight.data_ptr() != embed.weight.data_ptr():
         return head
-    weight = head.weight.detach().to(device).clone()
-    bias = None if getattr(head, "bias", None) is None else head.bias.detach().to(device).clone()
-    return lambda hidden: torch.nn.functional.linear(hidden, weight, bias)
+    weight = head.weight.detach().to(device)
+    copy = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=getattr(head, "bias", None) is not None,
+                           device="meta", dtype=weight.dtype)
+    copy.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+    if copy.bias is not None:
+        copy.bias = torch.nn.Parameter(head.bias.detach().to(device).clone(), requires_grad=False)
+    return copy
 
 
 @contextmanager

@@ -13,7 +13,9 @@ from typing import Callable, Optional
 
 import torch
 
-Head = Callable[[torch.Tensor], torch.Tensor]  # hidden [..., H] -> logits [..., V], e.g. model.lm_head
+# hidden [..., H] -> logits [..., V]: model.lm_head, a torch.nn.Linear (the fused pass of fused_head.py uses its
+# weight directly; the loss needs one), or any callable (statistics and references: it may mask entries with -inf)
+Head = Callable[[torch.Tensor], torch.Tensor]
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:

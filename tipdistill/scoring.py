@@ -1,7 +1,8 @@
 """[4a] Per-token statistics: normalised student entropy h, rkl = KL(S||T) and fkl = KL(T||S) per response token.
 
-Computed without grad and chunk by chunk through the LM heads, so at most (chunk_size x V) logits exist at
-once: the statistics only rank tokens, they are never differentiated. Also the batch normalisation used
+Computed without grad and chunk by chunk through the LM heads (the fused pass of fused_head.py), so at
+most (chunk_size x V) logits exist at once: the statistics only rank tokens, they are never
+differentiated. fkl only when something reads it (the q3 selector, `analyze`). Also the batch normalisation used
 by the selector scores and the 2x2 quadrant reading aid of the TIP paper.
 """
 
@@ -11,10 +12,14 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from tipdistill.numerics import Head, entropy_logp, head_logits, kl_logp
+from tipdistill.fused_head import STATS, Workspace, head_pass
+from tipdistill.numerics import Head
 from tipdistill.types import TokenStats
+
+
+# The statistics the metrics and quadrants always read; a selector adds what its rule reads (`Selector.reads`).
+METRIC_STATS = frozenset({"h", "rkl"})
 
 
 @torch.no_grad()
@@ -24,29 +29,32 @@ def token_stats(
     mask_B_T: torch.Tensor,
     student_head: Head,
     teacher_head: Head,
-    chunk_size: int,
+    chunk_size: Optional[int],
     vocab_width: Optional[int] = None,
+    *,
+    reads: frozenset = STATS,
+    workspace: Optional[Workspace] = None,
 ) -> TokenStats:
-    """h, rkl, fkl at the valid positions of `mask_B_T`, as fp32 [B, T] tensors (0 elsewhere).
+    """h, rkl (and fkl if `reads` has it) at the valid positions of `mask_B_T`, as fp32 [B, T] tensors
+    (0 elsewhere); fkl is None when not asked for, so nothing can read a value that was not computed.
 
     `*_hidden_B_T_H[b, t]` is the hidden state that predicts response token t. `vocab_width` keeps the
     shared prefix of LM heads padded to different widths; h divides by ln of the width actually used.
+    One fused pass (`fused_head.head_pass`): per chunk two logits buffers, per row block one exp of each
+    head, every statistic a row dot product, no (chunk x V) tensor allocated after the first chunk.
     """
     B, T = mask_B_T.shape
-    device = mask_B_T.device
-    s_BT_H = student_hidden_B_T_H.reshape(B * T, -1)
-    t_BT_H = teacher_hidden_B_T_H.reshape(B * T, -1)
+    want = METRIC_STATS | (frozenset(reads) & STATS)
     idx_N = mask_B_T.reshape(-1).nonzero().squeeze(1)
-    h_BT, rkl_BT, fkl_BT = (torch.zeros(B * T, dtype=torch.float32, device=device) for _ in range(3))
-    for idx_C in idx_N.split(chunk_size):
-        # Gather per chunk: no N x H copy, and only this chunk's logits are alive.
-        s_logp_C_V = F.log_softmax(head_logits(student_head, s_BT_H[idx_C], vocab_width), dim=-1)
-        t_logp_C_V = F.log_softmax(head_logits(teacher_head, t_BT_H[idx_C], vocab_width), dim=-1)
-        h_BT[idx_C] = (entropy_logp(s_logp_C_V) / math.log(s_logp_C_V.shape[-1])).float()
-        rkl_BT[idx_C] = kl_logp(s_logp_C_V, t_logp_C_V).float()
-        fkl_BT[idx_C] = kl_logp(t_logp_C_V, s_logp_C_V).float()
-        del s_logp_C_V, t_logp_C_V
-    return TokenStats(h_B_T=h_BT.view(B, T), rkl_B_T=rkl_BT.view(B, T), fkl_B_T=fkl_BT.view(B, T), mask_B_T=mask_B_T.bool())
+    result = head_pass(student_hidden_B_T_H.reshape(B * T, -1), teacher_hidden_B_T_H.reshape(B * T, -1), student_head,
+                       teacher_head, rows_N=idx_N, vocab_width=vocab_width, want=want, chunk_rows=chunk_size, workspace=workspace)
+    out = {}
+    for name in ("h", "rkl", "fkl"):
+        if name in want:
+            x_BT = torch.zeros(B * T, dtype=torch.float32, device=mask_B_T.device)
+            x_BT[idx_N] = result.stats[name]
+            out[name] = x_BT.view(B, T)
+    return TokenStats(h_B_T=out["h"], rkl_B_T=out["rkl"], fkl_B_T=out.get("fkl"), mask_B_T=mask_B_T.bool())
 
 
 def _quantile(x_N: torch.Tensor, q: float) -> torch.Tensor:

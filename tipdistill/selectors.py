@@ -85,6 +85,8 @@ class Selector:
     name = ""
     bottom = False  # keep the lowest-scored tokens instead of the highest
     ignores_keep = False  # True: trains on every valid token whatever `keep` says
+    reads: frozenset = frozenset()  # the statistics `rule`/`select` read (h, rkl, fkl): the statistics pass computes only
+    # these and what the metrics need (scoring.METRIC_STATS), so fkl is computed only for a selector that reads it
 
     def rule(self, stats: TokenStats, cfg: SelectorConfig) -> torch.Tensor:
         """The raw per-token score, fp32 [B, T] (values outside the mask are discarded)."""
@@ -134,7 +136,7 @@ class Entropy(Selector):
     (for dumps) is the sampling weight h.
     """
 
-    name = "entropy"
+    name, reads = "entropy", frozenset({"h"})
 
     def rule(self, stats, cfg):
         return stats.h_B_T
@@ -151,7 +153,7 @@ class Entropy(Selector):
 class EntropyTopK(Selector):
     """Deterministic top-k by h^ (clipped, min-max normalised entropy): a variant of the paper's rule."""
 
-    name = "entropy_topk"
+    name, reads = "entropy_topk", frozenset({"h"})
 
     def rule(self, stats, cfg):
         return normalise(stats, cfg.entropy_clip_quantile, cfg.rkl_clip_quantile)[0]
@@ -161,7 +163,7 @@ class EntropyTopK(Selector):
 class Divergence(Selector):
     """Top-k by rkl = KL(S||T), delta_t in TIP."""
 
-    name = "divergence"
+    name, reads = "divergence", frozenset({"rkl"})
 
     def rule(self, stats, cfg):
         return stats.rkl_B_T
@@ -172,7 +174,7 @@ class Q3(Selector):
     """Top-k by fkl * (1 - h^): overconfident tokens (Q3), confident and far from the teacher in the
     teacher's own view, invisible to entropy rules. The loss stays rkl."""
 
-    name = "q3"
+    name, reads = "q3", frozenset({"h", "fkl"})
 
     def rule(self, stats, cfg):
         h_hat_B_T, _ = normalise(stats, cfg.entropy_clip_quantile, cfg.rkl_clip_quantile)
@@ -188,7 +190,7 @@ class TypeAware(Selector):
     1 (every clipped top-2% entropy token) rounding noise, not the earlier position, broke the tie.
     """
 
-    name = "type_aware"
+    name, reads = "type_aware", frozenset({"h", "rkl"})
 
     def rule(self, stats, cfg):
         h_hat_B_T, rkl_hat_B_T = normalise(stats, cfg.entropy_clip_quantile, cfg.rkl_clip_quantile)

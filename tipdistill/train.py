@@ -230,10 +230,13 @@ def token_rows(step: int, result: StepResult, rollout: Rollout, tokenizer, cfg: 
     rows = []
     for b in range(min(cfg.scoring.token_dump_sequences, ids.shape[0])):
         for t in range(int(stats.mask_B_T[b].sum())):
-            rows.append({"step": step, "seq": b, "pos": t, "token": tokenizer.decode([int(ids[b, t])]),
-                         "h": float(stats.h_B_T[b, t]), "h_hat": float(h_hat[b, t]), "rkl": float(stats.rkl_B_T[b, t]),
-                         "rkl_hat": float(rkl_hat[b, t]), "fkl": float(stats.fkl_B_T[b, t]),
-                         "score": float(score[b, t]), "kept": bool(keep_mask_B_T[b, t]), "quadrant": f"q{int(q[b, t])}"})
+            row = {"step": step, "seq": b, "pos": t, "token": tokenizer.decode([int(ids[b, t])]),
+                   "h": float(stats.h_B_T[b, t]), "h_hat": float(h_hat[b, t]), "rkl": float(stats.rkl_B_T[b, t]),
+                   "rkl_hat": float(rkl_hat[b, t]), "score": float(score[b, t]), "kept": bool(keep_mask_B_T[b, t]),
+                   "quadrant": f"q{int(q[b, t])}"}
+            if stats.fkl_B_T is not None:  # computed only when the selector reads it (or at selector=full)
+                row["fkl"] = float(stats.fkl_B_T[b, t])
+            rows.append(row)
     return pd.DataFrame(rows)
 
 

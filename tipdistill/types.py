@@ -17,6 +17,7 @@ Two letters together are one flattened axis: BT = B * T.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -60,10 +61,22 @@ class Rollout:
 class TokenStats:
     """[4a] Per-token statistics of the response positions, computed without grad in fp32.
 
-    All tensors are [B, T] float32 and zero where `mask_B_T` is False.
+    All tensors are [B, T] float32 and zero where `mask_B_T` is False. fkl is None when the step did not
+    compute it (only the q3 selector reads it): absent, never a placeholder.
     """
 
     h_B_T: torch.Tensor  # student entropy / ln|V|, in [0, 1]
     rkl_B_T: torch.Tensor  # KL(student || teacher): delta_t in TIP, and the default loss
-    fkl_B_T: torch.Tensor  # KL(teacher || student): used by the q3 ranking only
     mask_B_T: torch.Tensor  # bool [B, T], valid response tokens
+    fkl_B_T: Optional[torch.Tensor] = None  # KL(teacher || student): used by the q3 ranking only
+
+    @classmethod
+    def zeros(cls, mask_B_T: torch.Tensor) -> "TokenStats":
+        """All three statistics as zeros, to be filled in place (selector=full: by its loss pass)."""
+        h, rkl, fkl = (torch.zeros(mask_B_T.shape, dtype=torch.float32, device=mask_B_T.device) for _ in range(3))
+        return cls(h_B_T=h, rkl_B_T=rkl, fkl_B_T=fkl, mask_B_T=mask_B_T.bool())
+
+    def rows(self, rows: slice) -> "TokenStats":
+        """The statistics of a row slice (a micro-batch), as views: writing into them writes here."""
+        return TokenStats(self.h_B_T[rows], self.rkl_B_T[rows], self.mask_B_T[rows],
+                          None if self.fkl_B_T is None else self.fkl_B_T[rows])

@@ -3,8 +3,8 @@ backward, gradient clipping, optimizer step.
 
 `update_step` is the only copy of this code: the training loop calls it every step,
 scripts/bench_update.py times it, and `analyze` uses its `statistics`. Two seams are explicit:
-`loss_fn` (the kept-token loss, `losses.kept_token_loss` by default, any function with its signature)
-and `runtime` (device, precision, and sums across processes: the kept count the loss divides by, the
+`loss_fn` (the kept-token loss, the fused `fused_head.kept_token_loss` by default, any function with its
+signature) and `runtime` (device, precision, and sums across processes: the kept count the loss divides by, the
 token counts). With one process the statistics' batch normalisation and `per_batch` ranking see the
 whole batch; several processes will need them reduced through the runtime too.
 Imports torch and transformers only (no Hydra, W&B or vLLM), so it runs on a bare GPU box.
@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Optional
 
 import torch
 
-from tipdistill.losses import kept_token_loss
+from tipdistill.fused_head import STATS, Workspace, default_chunk, kept_token_loss
 from tipdistill.numerics import Head
 from tipdistill.precision import UpdateMeter, build_optimizer
 from tipdistill.runtime import Runtime
-from tipdistill.scoring import quadrant_fractions, quadrants, token_stats
+from tipdistill.scoring import METRIC_STATS, quadrant_fractions, quadrants, token_stats
 from tipdistill.selectors import SELECTORS
 from tipdistill.teacher import response_hidden
 from tipdistill.types import Rollout, TokenStats
@@ -82,15 +82,19 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 
 
 def statistics(student, rollout: Rollout, teacher_hidden_B_T_H: torch.Tensor, heads: Heads, cfg: TrainConfig,
-               runtime: Runtime, timer: Timer = _untimed) -> tuple[TokenStats, Optional[torch.Tensor]]:
-    """[4a] h, rkl, fkl of every response token (no grad, chunked), and the student's hidden states with
-    grad when the batch is one micro-batch (that forward then feeds the statistics and the loss).
+               runtime: Runtime, timer: Timer = _untimed, *, reads: Optional[frozenset] = STATS,
+               workspace: Optional[Workspace] = None) -> tuple[Optional[TokenStats], Optional[torch.Tensor]]:
+    """[4a] h, rkl (and fkl if `reads` has it) of every response token (no grad, chunked), and the student's
+    hidden states with grad when the batch is one micro-batch (that forward then feeds the statistics and
+    the loss). `reads=None`: no statistics (selector=full takes them from its loss pass), only that forward.
 
     With several micro-batches the statistics need the whole batch before any loss, so the student
     runs once without grad here and again, per micro-batch, with grad in the loss.
     """
     micro = rollout.micro_batches(cfg.micro_batch_size)
     hidden_B_T_H = None
+    if len(micro) > 1 and reads is None:
+        return None, None  # the loss forwards each micro-batch itself
     with timer("student_forward"), runtime.autocast():
         if len(micro) == 1:
             hidden_B_T_H = response_hidden(student, rollout, micro[0])
@@ -98,9 +102,12 @@ def statistics(student, rollout: Rollout, teacher_hidden_B_T_H: torch.Tensor, he
         else:
             with torch.no_grad():
                 stats_hidden_B_T_H = torch.cat([response_hidden(student, rollout, rows) for rows in micro])
+    if reads is None:
+        return None, hidden_B_T_H
     with timer("statistics"), runtime.autocast():
         stats = token_stats(stats_hidden_B_T_H, teacher_hidden_B_T_H, rollout.response_mask_B_T, heads.student,
-                            heads.teacher, cfg.scoring.chunk_size, heads.vocab_width)
+                            heads.teacher, cfg.scoring.chunk_size or default_chunk(runtime.device), heads.vocab_width,
+                            reads=reads, workspace=workspace)
     return stats, hidden_B_T_H
 
 
@@ -110,17 +117,25 @@ def update_step(student, heads: Heads, rollout: Rollout, teacher_hidden_B_T_H: t
     """Stages [4a]-[6] on one batch of rollouts; the optimizer steps unless the loss or gradient is
     non-finite or nothing was kept. `step` seeds the selection (with cfg.seed), so runs reproduce.
 
-    `loss_fn` has `losses.kept_token_loss`'s signature and returns (loss_sum, count); the mean is over
-    the kept tokens of the whole batch (TIP Eq. 9), summed across processes by `runtime`.
+    `loss_fn` has `fused_head.kept_token_loss`'s signature and returns (loss_sum, count); the mean is over
+    the kept tokens of the whole batch (TIP Eq. 9), summed across processes by `runtime`. When it gets
+    `stats_out` it writes the kept tokens' h, rkl, fkl into it (selector=full: all of them).
     """
     loss_fn = loss_fn or kept_token_loss
     micro = rollout.micro_batches(cfg.micro_batch_size)  # gradients accumulate over them
-    stats, hidden_B_T_H = statistics(student, rollout, teacher_hidden_B_T_H, heads, cfg, runtime, timer)
+    selector = SELECTORS.get(cfg.selector.name)
+    # selector=full trains on every token, so its loss pass sees them all and yields the statistics too:
+    # no statistics pass. A selective rule gets one, computing only what it and the metrics read.
+    from_loss = selector.ignores_keep
+    workspace = Workspace()  # the chunk buffers, shared by the statistics and the loss passes of this step
+    stats, hidden_B_T_H = statistics(student, rollout, teacher_hidden_B_T_H, heads, cfg, runtime, timer,
+                                     reads=None if from_loss else METRIC_STATS | selector.reads, workspace=workspace)
+    if from_loss:
+        stats = TokenStats.zeros(rollout.response_mask_B_T)
 
     # --- [4b] selection: which response tokens the update trains on
     with timer("selection"):
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + step)
-        selector = SELECTORS.get(cfg.selector.name)
         keep_mask_B_T = selector.select(stats, cfg.keep, cfg.selector, generator).to(runtime.device)
     n_kept = runtime.sum(int(keep_mask_B_T.sum()))
     n_response = runtime.sum(int(rollout.response_mask_B_T.sum()))
@@ -131,13 +146,14 @@ def update_step(student, heads: Heads, rollout: Rollout, teacher_hidden_B_T_H: t
         with timer("loss"), runtime.autocast():
             hidden = hidden_B_T_H if len(micro) == 1 else response_hidden(student, rollout, rows)
             loss_sum, _ = loss_fn(hidden, teacher_hidden_B_T_H[rows], keep_mask_B_T[rows], heads.student, heads.teacher,
-                                  cfg.loss.name, cfg.loss.beta, cfg.loss.chunk_size, heads.vocab_width)
+                                  cfg.loss.name, cfg.loss.beta, cfg.loss.chunk_size or default_chunk(runtime.device),
+                                  heads.vocab_width, stats_out=stats.rows(rows) if from_loss else None, workspace=workspace)
         loss = loss_sum / max(1, n_kept)  # TIP Eq. 9: divide by kept, not by all tokens
         with timer("backward"):
             loss.backward()
         loss_total += float(loss.detach())
         del hidden, loss_sum, loss
-    hidden_B_T_H = None  # the graph is gone; free the activations before the optimizer allocates
+    hidden_B_T_H = workspace = None  # the graph is gone; free the activations and chunk buffers before the optimizer allocates
 
     # --- [6] clip, step (skipped when non-finite), zero the gradients
     with timer("optimizer"):
@@ -158,16 +174,18 @@ def update_step(student, heads: Heads, rollout: Rollout, teacher_hidden_B_T_H: t
 
 @torch.no_grad()
 def token_metrics(stats: TokenStats, keep_mask_B_T: torch.Tensor, cfg: TrainConfig) -> dict[str, float]:
-    """Score means, the quadrant mix of all and of kept tokens, and each quadrant's share of the loss."""
+    """Score means, the quadrant mix of all and of kept tokens, and each quadrant's share of the loss.
+    A metric of a statistic the step did not compute (fkl, unless the selector reads it) is absent."""
     mask = stats.mask_B_T
     n = max(1, int(mask.sum()))
     q_B_T = quadrants(stats, cfg.scoring.entropy_threshold, cfg.scoring.rkl_threshold)
-    out = {"score/entropy_mean": float(stats.h_B_T.sum() / n), "score/rkl_mean": float(stats.rkl_B_T.sum() / n),
-           "score/fkl_mean": float(stats.fkl_B_T.sum() / n)}
+    out = {"score/entropy_mean": float(stats.h_B_T.sum() / n), "score/rkl_mean": float(stats.rkl_B_T.sum() / n)}
+    if stats.fkl_B_T is not None:
+        out["score/fkl_mean"] = float(stats.fkl_B_T.sum() / n)
     out.update({f"select/quadrant_frac/{k}": v for k, v in quadrant_fractions(q_B_T, mask).items()})
     out.update({f"select/kept_quadrant_frac/{k}": v for k, v in quadrant_fractions(q_B_T, keep_mask_B_T).items()})
     per_token = {"reverse_kl": stats.rkl_B_T, "forward_kl": stats.fkl_B_T}.get(cfg.loss.name)
-    if per_token is not None:  # jsd has no stat of its own here
+    if per_token is not None:  # jsd has no stat of its own here; fkl may not have been computed
         kept_loss = per_token * keep_mask_B_T
         total = float(kept_loss.sum())
         for qi in range(1, 5):
