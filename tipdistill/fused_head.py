@@ -226,15 +226,21 @@ def _jsd_block(S, T, Es, Et, zs, zt, M, tmp, beta: float, masked: bool) -> torch
     return value
 
 
+def _at_endpoints(divergence: Optional[str], beta: float) -> Optional[str]:
+    """JSD at beta = 0 is the forward KL and at 1 the reverse KL, substituted exactly (`losses.jsd`)."""
+    if divergence == "jsd" and beta <= 0.0:
+        return "forward_kl"
+    if divergence == "jsd" and beta >= 1.0:
+        return "reverse_kl"
+    return divergence
+
+
 @torch.no_grad()
 def divergence_and_grad(student_logits_N_V: torch.Tensor, teacher_logits_N_V: torch.Tensor, divergence: str,
                         beta: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """The pass's per-row divergence [N] and its analytic gradient with respect to the student logits
     [N, V], on logits given directly (-inf entries allowed): what the tests hold against autograd."""
-    if divergence == "jsd" and beta <= 0.0:
-        divergence = "forward_kl"
-    elif divergence == "jsd" and beta >= 1.0:
-        divergence = "reverse_kl"
+    divergence = _at_endpoints(divergence, beta)
     buf = torch.float64 if student_logits_N_V.dtype == torch.float64 else torch.float32
     S, T = student_logits_N_V.to(buf).clone(), teacher_logits_N_V.to(buf).clone()
     res = _block(S, T, [torch.empty_like(S) for _ in range(4)], frozenset(), divergence, beta, masked=True)
@@ -274,10 +280,7 @@ def head_pass(student_hidden_N_H: torch.Tensor, teacher_hidden_N_H: torch.Tensor
     """
     device = student_hidden_N_H.device
     N = student_hidden_N_H.shape[0] if rows_N is None else rows_N.numel()
-    if loss == "jsd" and beta <= 0.0:
-        loss = "forward_kl"
-    elif loss == "jsd" and beta >= 1.0:
-        loss = "reverse_kl"
+    loss = _at_endpoints(loss, beta)
     compute = _compute_dtype(device, student_hidden_N_H)
     buf = torch.float64 if compute == torch.float64 else torch.float32
     mm_dtype = compute if (compute == buf or _native_low_precision(device)) else buf
