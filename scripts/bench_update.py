@@ -132,6 +132,15 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all its threads): on a shared machine it moves far less
+    with other load than wall time does (OpenMP's spin-waits still count), so it is reported next to it."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def maxrss_bytes() -> int:
     import resource
 
@@ -344,7 +353,7 @@ def run_one(args) -> dict:
             optimizer.zero_grad(set_to_none=True)
 
     update = peer_update if name in PEERS else our_update
-    times, peaks, warm_peaks = [], [], []
+    times, cpu_times, peaks, warm_peaks = [], [], [], []
     if p["warmup"] < 1:
         meter.close()  # no warm-up step to profile: no per-phase numbers
     for step in range(p["warmup"] + p["repeats"]):
@@ -353,17 +362,18 @@ def run_one(args) -> dict:
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         update(step)
         if cuda:
             torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, cpu_seconds() - c0
         peak = torch.cuda.max_memory_allocated(device) if cuda else maxrss_bytes()
         if cuda and step == 0 and meter.peak:  # the profiled step reset the counter per phase
             peak = max(peak, *meter.peak.values())
         (warm_peaks if step < p["warmup"] else peaks).append(peak)
         if step >= p["warmup"]:
             times.append(dt)
+            cpu_times.append(dc)
     meter.close()
     peak = max(peaks)  # CUDA: reset before each step, max_memory_allocated after; CPU: ru_maxrss
     out = {
@@ -375,6 +385,7 @@ def run_one(args) -> dict:
         "setup_maxrss_bytes": setup_maxrss,
         "step_peak_not_above_setup": (setup_maxrss is not None and peak <= setup_maxrss),
         "times_s": times, "median_s": statistics.median(times), "setup_s": setup_s,
+        "cpu_times_s": cpu_times, "median_cpu_s": statistics.median(cpu_times),
         "phase_peak_bytes": meter.peak, "phase_time_s": meter.time,
         "student_params": sum(x.numel() for x in student.parameters()),
         "teacher_params": sum(x.numel() for x in teacher.parameters()),
@@ -465,7 +476,7 @@ def run_all(args, p: dict) -> int:
         r = json.loads(line[len("BENCH_JSON "):])
         r["wall_s"] = time.perf_counter() - t0
         results[cfg] = r
-        print(f"[{cfg}] peak {r['peak_bytes'] / GIB:.2f} GiB, median step {r['median_s']:.3f} s "
+        print(f"[{cfg}] peak {r['peak_bytes'] / GIB:.2f} GiB, median step {r['median_s']:.3f} s ({r['median_cpu_s']:.2f} CPU s) "
               f"(steps {', '.join(f'{x:.2f}' for x in r['times_s'])}), kept {r['kept']}, child {r['wall_s']:.0f} s", flush=True)
     total_s = time.perf_counter() - t_all
     md = report(results, p, args, total_s)
@@ -507,11 +518,11 @@ def report(results: dict, p: dict, args, total_s: float) -> str:
         return None if y is None else x / y
 
     lines.append("| config | keep | kept tokens | peak GiB | above baseline GiB | floor estimate GiB | median step s | "
-                 "time / peer | time / trl | time / full | above-baseline mem / peer | above-baseline mem / trl |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+                 "time / peer | time / trl | time / full | CPU s | CPU / peer | above-baseline mem / peer | above-baseline mem / trl |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for cfg, r in results.items():
         if "error" in r:
-            lines.append(f"| {cfg} | | | {r['error']} | | | | | | | | |")
+            lines.append(f"| {cfg} | | | {r['error']} | | | | | | | | | | |")
             continue
         fl = floor_estimate(p, r["selector"], r["kept"], r.get("chunk") or 128, r.get("block") or 8)
         flag = " (!)" if r.get("step_peak_not_above_setup") else ""
@@ -520,6 +531,7 @@ def report(results: dict, p: dict, args, total_s: float) -> str:
             f"| {cfg} | {fmt(r['keep'], 1)} | {r['kept']} | {fmt(r['peak_bytes'] / GIB)}{flag} | {fmt(above(r) / GIB)} | "
             f"{fmt(fl['total'] / GIB)} | {fmt(med, 3)} | {fmt(ratio(med, peer and peer['median_s']))} | "
             f"{fmt(ratio(med, trl and trl['median_s']))} | {fmt(ratio(med, full and full['median_s']))} | "
+            f"{fmt(r.get('median_cpu_s'), 2)} | {fmt(ratio(r['median_cpu_s'], peer and peer.get('median_cpu_s')) if 'median_cpu_s' in r else None)} | "
             f"{fmt(ratio(above(r), peer and above(peer)), 3)} | {fmt(ratio(above(r), trl and above(trl)), 3)} |")
     if ok:
         b = statistics.median(r["baseline_bytes"] for r in ok.values())
@@ -545,8 +557,9 @@ def report(results: dict, p: dict, args, total_s: float) -> str:
         passed = worst["median_s"] / peer["median_s"] <= need
         missed |= not passed
         detail = ", ".join(f"{r['config']} {r['median_s'] / peer['median_s']:.2f}x" for r in rows)
+        cpu = max(r["median_cpu_s"] for r in rows) / peer["median_cpu_s"]
         lines.append(f"update time at keep {keep} <= {need:.2f}x peer: {'PASS' if passed else 'FAIL'} "
-                     f"(worst {worst['median_s'] / peer['median_s']:.2f}x; {detail})")
+                     f"(worst {worst['median_s'] / peer['median_s']:.2f}x; {detail}; CPU time worst {cpu:.2f}x)")
     rows = [r for r in ok.values() if r["selector"] not in PEERS]
     if peer is None or not rows:
         lines.append(f"peak memory above baseline <= {MEMORY_TARGET:.2f}x peer's at every keep: n/a (missing runs)")
