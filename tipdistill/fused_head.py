@@ -46,8 +46,9 @@ STATS = frozenset({"h", "rkl", "fkl"})  # what the pass can hand out per token
 _ORDER = ("h", "rkl", "fkl")
 
 # Rows per LM-head chunk, per device type: the default of `scoring.chunk_size` and `loss.chunk_size`.
-# Chosen by measurement (README "Chunk size"): on the 2-core CPU box, ...; CUDA: not measured yet
-# (scripts/gpu_checks.sh measures it and prints the best), 512 until then.
+# scripts/bench_chunk.py measures the choice on a device (README "Chunk size"). CPU: 128 rows in 8-row
+# blocks, the first version's setting: the sweep has not yet run on a quiet 2-core box (README);
+# CUDA: not measured yet (scripts/gpu_checks.sh runs the sweep and prints its pick), 512 until then.
 CHUNK_ROWS = {"cpu": 128, "cuda": 512}
 # Rows per elementwise block: on CPU a block of the (C x V) buffers small enough to stay in the caches
 # while a dozen passes run over it (DRAM bandwidth, not arithmetic, bounds them otherwise); on CUDA
