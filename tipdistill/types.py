@@ -9,7 +9,9 @@ The shape legend of every tensor (and per-item list) name in the project, e.g. `
   K  kept positions (the tokens the loss trains on)
   N  positions flattened over the batch (a 2-D view whose rows are tokens, e.g. logits_N_V)
   C  positions of one chunk (an LM-head chunk), or of one row of a selection (R x C)
-  R  rows a selection ranks over: B per sequence, 1 per batch
+  R  rows a selection ranks over: B per sequence, 1 per batch; in the fused LM-head pass, the rows of one
+     elementwise block of a chunk
+  S  per-token statistics stacked (h, rkl, fkl: those a pass computed)
   P  prompts;  G  rollouts per prompt
 Two letters together are one flattened axis: BT = B * T.
 """
