@@ -31,10 +31,12 @@ class RolloutEngine(Protocol):
     rules: TokenRules
 
     def generate(self, prompt_ids_P: list[list[int]], n: int, *, temperature: float, top_p: float,
-                 top_k: int, max_tokens: int, seed: int) -> list[list[int]]:
+                 top_k: int, max_tokens: int, seed: int, first: int = 0) -> list[list[int]]:
         """P*n responses grouped by prompt, sampled from exactly the student's distribution (no sampling
         field taken from the model's generation_config.json), never a padded-head id. Each ends at (and
-        includes) its first stop id, or is cut at `max_tokens` or at the context. temperature 0 = argmax."""
+        includes) its first stop id, or is cut at `max_tokens` or at the context. temperature 0 = argmax.
+        `first`: the index of the first response in the whole batch when this process samples a share of it
+        (seeds follow global indices where the engine can seed each response: vLLM)."""
 
     def sync_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load the trainer's current weights (`runtime.full_weights(student)`) so the next rollout is on-policy."""

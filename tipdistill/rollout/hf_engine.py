@@ -3,6 +3,13 @@
 It samples from the trainer's own module, so `sync_weights` has nothing to copy; it is the
 reference engine for debugging and for machines without vLLM.
 
+Seeds: one per call (transformers draws every sequence of a batch from one random stream), so a
+response depends on the batch it was drawn in. With several ranks each rank's call is seeded from
+(seed, index of its first response), so ranks draw different streams, but a 2-rank run does not draw
+the same responses as one process would (the vLLM engine does: it seeds each response). With FSDP2
+the sharded student's forwards are collectives, so every rank keeps stepping until all are done
+(`synced_gpus`).
+
 Exactly the student's distribution: transformers fills every generation field left unset from the
 model's generation_config.json (Qwen2.5-Instruct: repetition_penalty 1.05-1.1, top_k 20, top_p 0.8)
 and then from its own defaults (top_k 50). So every field that changes the distribution is set here,
@@ -49,7 +56,7 @@ def _own_generation_config(model):
 
 @torch.no_grad()
 def hf_generate(model, rules: TokenRules, prompt_ids_P: list[list[int]], n: int, *, temperature: float, top_p: float,
-                top_k: int, max_tokens: int, seed: int = 0, autocast=None) -> list[list[int]]:
+                top_k: int, max_tokens: int, seed: int = 0, autocast=None, synced: bool = False) -> list[list[int]]:
     """Left-padded batched generation; sampling is seeded per call under a forked RNG so that
     generation never disturbs (or is disturbed by) the trainer's random stream."""
     budgets = rules.budgets(prompt_ids_P, max_tokens)
@@ -66,7 +73,7 @@ def hf_generate(model, rules: TokenRules, prompt_ids_P: list[list[int]], n: int,
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), _own_generation_config(model), (autocast or nullcontext)():
         torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=synced)
     model.train(was_training)
     per_prompt = 1 if greedy else n
     # A prompt with less room than max_tokens: its response stops where the context ends.
@@ -77,13 +84,14 @@ def hf_generate(model, rules: TokenRules, prompt_ids_P: list[list[int]], n: int,
 
 
 class HFEngine:
-    def __init__(self, model, rules: TokenRules, autocast=None):
-        """`autocast`: the trainer's compute-dtype context, so rollouts come from the same function the loss sees."""
-        self.model, self.rules, self.autocast = model, rules, autocast
+    def __init__(self, model, rules: TokenRules, autocast=None, synced: bool = False):
+        """`autocast`: the trainer's compute-dtype context, so rollouts come from the same function the loss sees.
+        `synced`: the model is sharded over several ranks (each rank generates its own share)."""
+        self.model, self.rules, self.autocast, self.synced = model, rules, autocast, synced
 
-    def generate(self, prompt_ids_P, n, *, temperature, top_p, top_k, max_tokens, seed):
+    def generate(self, prompt_ids_P, n, *, temperature, top_p, top_k, max_tokens, seed, first=0):
         return hf_generate(self.model, self.rules, prompt_ids_P, n, temperature=temperature, top_p=top_p, top_k=top_k,
-                           max_tokens=max_tokens, seed=seed, autocast=self.autocast)
+                           max_tokens=max_tokens, seed=(seed + first) % 2**63, autocast=self.autocast, synced=self.synced)
 
     def sync_weights(self, weights) -> None:
         """Nothing to copy: the engine samples from the trainer's own module."""

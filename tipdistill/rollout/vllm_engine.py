@@ -8,6 +8,12 @@ Exactly the student's distribution: `generation_config="vllm"` keeps vLLM's neut
 the model's generation_config.json, and every SamplingParams field that shapes the distribution is set.
 vLLM still stops on the generation config's EOS ids; `TokenRules.stop_ids` holds the same ids and is
 passed as `stop_token_ids`, so this engine and the HF one stop on one set.
+
+In a torchrun job every rank runs its own engine inside the trainer's process group
+(`distributed_executor_backend="external_launcher"`): each samples its rank's share of the prompts,
+each response seeded by its index in the whole batch, so the batch does not depend on how it is split.
+With `rollout.tensor_parallel_size=k` (CUDA) k consecutive ranks form one engine; they pool their
+prompts, generate them together and each keeps its own responses.
 """
 
 from __future__ import annotations
@@ -29,6 +35,12 @@ class VLLMEngine:
             model=str(model_dir), dtype=dtype, enforce_eager=True, max_model_len=rules.context,
             max_num_seqs=cfg.max_num_seqs, seed=seed, generation_config="vllm",
         )
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # a torchrun job: this rank's engine joins the trainer's process group
+            kwargs.update(distributed_executor_backend="external_launcher")
+        # ranks that submit to one engine (torchrun with tensor parallelism); one process drives its own TP workers
+        self.tp = cfg.tensor_parallel_size if device == "cuda" and dist.is_initialized() else 1
         if device == "cuda":
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.enable_sleep_mode,
                           tensor_parallel_size=cfg.tensor_parallel_size)
@@ -55,21 +67,42 @@ class VLLMEngine:
         self.sleep_mode = device == "cuda" and cfg.enable_sleep_mode
         self.asleep = False
 
-    def generate(self, prompt_ids_P, n, *, temperature, top_p, top_k, max_tokens, seed):
+    def generate(self, prompt_ids_P, n, *, temperature, top_p, top_k, max_tokens, seed, first=0):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         budgets = self.rules.budgets(prompt_ids_P, max_tokens)
-        prompts = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids_P for _ in range(n)]
-        params = [
-            SamplingParams(n=1, temperature=temperature, top_p=top_p, top_k=top_k, min_p=0.0, repetition_penalty=1.0,
-                           presence_penalty=0.0, frequency_penalty=0.0, min_tokens=0, max_tokens=budgets[i // n],
-                           stop_token_ids=list(self.rules.stop_ids), ignore_eos=False, **self.mask_kw,
-                           seed=(seed * 1_000_003 + i) % (2**31), detokenize=False)
-            for i in range(len(prompts))
-        ]
+        shares = self._pool(prompt_ids_P, budgets, first)
+        prompts, params = [], []
+        for share_P, budgets_P, share_first in shares:
+            for i in range(len(share_P) * n):
+                prompts.append(TokensPrompt(prompt_token_ids=share_P[i // n]))
+                params.append(SamplingParams(n=1, temperature=temperature, top_p=top_p, top_k=top_k, min_p=0.0, repetition_penalty=1.0,
+                                             presence_penalty=0.0, frequency_penalty=0.0, min_tokens=0, max_tokens=budgets_P[i // n],
+                                             stop_token_ids=list(self.rules.stop_ids), ignore_eos=False, **self.mask_kw,
+                                             seed=(seed * 1_000_003 + share_first + i) % (2**31), detokenize=False))
         outs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [self.rules.cut(list(o.outputs[0].token_ids)) for o in outs]
+        start = sum(len(share_P) for share_P, _, _ in shares[: self._tp_rank()]) * n
+        return [self.rules.cut(list(o.outputs[0].token_ids)) for o in outs[start : start + len(prompt_ids_P) * n]]
+
+    def _tp_rank(self) -> int:
+        if self.tp == 1:
+            return 0
+        from vllm.distributed.parallel_state import get_tp_group
+
+        return get_tp_group().rank_in_group
+
+    def _pool(self, prompt_ids_P, budgets, first: int) -> list:
+        """[(prompts, budgets, first)] of every rank of this engine's tensor-parallel group, in rank order:
+        its ranks must all submit the same requests."""
+        if self.tp == 1:
+            return [(prompt_ids_P, budgets, first)]
+        import torch.distributed as dist
+        from vllm.distributed.parallel_state import get_tp_group
+
+        shares = [None] * self.tp
+        dist.all_gather_object(shares, (prompt_ids_P, budgets, first), group=get_tp_group().cpu_group)
+        return shares
 
     def sync_weights(self, weights) -> None:
         """Copy the trainer's weights into the engine in place (no reload from disk); `weights` yields
