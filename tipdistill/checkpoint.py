@@ -6,6 +6,8 @@ far. It is written under a temporary name and renamed into place, and `checkpoin
 replaced atomically afterwards, so a crash (or a full disk) while saving leaves the previous
 checkpoint usable. `manifest.json` records every file's size, so a checkpoint damaged later (a
 truncated copy, a lost node) is recognised on resume and the newest intact one is used instead.
+
+`runtime.checkpoints` is the format of the runtime a run uses (`PretrainedCheckpoints` for one process).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Optional, Protocol
 
 import torch
 
@@ -165,3 +168,56 @@ def newest_intact(run_dir: Path) -> tuple[Path, dict]:
         raise ConfigError(f"resume: no checkpoint under {root}; fix: point resume=<run dir> at a run that saved one")
     raise ConfigError(f"resume: no intact checkpoint under {root}: {'; '.join(damaged)}; fix: restore those files from a copy, "
                       f"or start a new run without resume= (the run directory was left as it was)")
+
+
+# --- one format per runtime: the loop asks `runtime.checkpoints` ------------------------------------------
+
+SHARDED = "sharded.json"  # present in (and only in) a checkpoint written by a job of several processes
+
+
+class Checkpoints(Protocol):
+    def check(self, path: Path) -> None:
+        """Raise ConfigError (one line) unless this runtime can resume from `path`; reads no weights."""
+
+    def weights_of(self, path: Path) -> Optional[Path]:
+        """The HF-format directory the student loads from on resume (None: `restore` fills the weights)."""
+
+    def save(self, run_dir: Path, step: int, student, tokenizer, optimizer, scheduler, state: dict, keep_last: int) -> Path: ...
+
+    def restore(self, path: Path, state: dict, student, optimizer) -> dict:
+        """Load the optimizer state (and the student's, when `weights_of` is None) of a checkpoint whose
+        trainer state `verify` returned; returns the trainer state this process continues from."""
+
+    def export(self, student, tokenizer, out: Path) -> None:
+        """The final student as an HF-format directory (`save_pretrained`)."""
+
+
+def _written_by(path: Path) -> int:
+    """Processes that wrote a checkpoint: 1 for the one-process format."""
+    marker = path / SHARDED
+    return int(json.loads(marker.read_text())["world_size"]) if marker.is_file() else 1
+
+
+class PretrainedCheckpoints:
+    """One process: the student as `save_pretrained`, the optimizer inside trainer_state.pt (`save` above)."""
+
+    def check(self, path: Path) -> None:
+        if (path / SHARDED).is_file():
+            n = _written_by(path)
+            raise ConfigError(f"resume: {path} was written by a job of {n} ranks; fix: resume it the same way, "
+                              f"torchrun --nproc_per_node {n} -m tipdistill train ... resume=<run dir>")
+
+    def weights_of(self, path: Path) -> Optional[Path]:
+        return path
+
+    def save(self, run_dir, step, student, tokenizer, optimizer, scheduler, state, keep_last):
+        return save(run_dir, step, student, tokenizer, optimizer, scheduler, state, keep_last)
+
+    def restore(self, path: Path, state: dict, student, optimizer) -> dict:
+        optimizer.load_state_dict(state["optimizer"])
+        return state
+
+    def export(self, student, tokenizer, out: Path) -> None:
+        student.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+

@@ -42,7 +42,8 @@ def rollout_context(cfg: TrainConfig, student_path: str) -> int:
 
 def load_pair(cfg: TrainConfig, runtime: Runtime, *, trainable: bool, student_from: Optional[Path] = None) -> Pair:
     """Check, then load the pair; `student_from` (a checkpoint) replaces the student's initial weights."""
-    student_path, teacher_path = models.resolve_pair(cfg)
+    with runtime.main_first():  # an embedded pair not cached yet is prepared once, by the main process
+        student_path, teacher_path = models.resolve_pair(cfg)
     vocab_width = models.check_pair(student_path, teacher_path, cfg.model.trust_remote_code)
     context = rollout_context(cfg, student_path)
     if cfg.rollout.max_completion_length >= context:
@@ -54,33 +55,35 @@ def load_pair(cfg: TrainConfig, runtime: Runtime, *, trainable: bool, student_fr
     rules = token_rules(tokenizer, context, generation_config_of(student_path, cfg.model.trust_remote_code))
     # a trainable student keeps its master weights in model.student_dtype (fp32 by default, tipdistill/precision.py)
     student_dtype = cfg.model.student_dtype if trainable else cfg.model.dtype
-    student = models.load_model(str(student_from or student_path), student_dtype, runtime.device, trainable=trainable,
-                                trust_remote_code=cfg.model.trust_remote_code)
-    teacher_model = models.load_model(teacher_path, cfg.model.dtype, runtime.device, trainable=False,
-                                      trust_remote_code=cfg.model.trust_remote_code)
-    if trainable and cfg.gradient_checkpointing:  # non-reentrant: works with the frozen inputs and the chunked loss
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student = runtime.load_model(str(student_from or student_path), student_dtype, trainable=trainable,
+                                 trust_remote_code=cfg.model.trust_remote_code,
+                                 gradient_checkpointing=trainable and cfg.gradient_checkpointing)
+    teacher_model = runtime.load_model(teacher_path, cfg.model.dtype, trainable=False, trust_remote_code=cfg.model.trust_remote_code,
+                                       offload=cfg.teacher_offload)
     teacher = Teacher(teacher_model, runtime, offload=cfg.teacher_offload)
-    return Pair(student_path, tokenizer, rules, student, teacher, Heads(student.get_output_embeddings(), teacher.head, vocab_width))
+    return Pair(student_path, tokenizer, rules, student, teacher, Heads(runtime.lm_head(student), teacher.head, vocab_width))
 
 
 def build_engine(cfg: TrainConfig, pair: Pair, runtime: Runtime):
     """The rollout engine named by rollout.engine, holding the student's initial weights: vLLM its own copy
     in the compute dtype (`model.dtype`); HF samples from the student itself under the runtime's autocast."""
     engine_cls = ENGINES.get(cfg.rollout.engine)
-    if cfg.rollout.engine == "hf":
-        return engine_cls(runtime.unwrap(pair.student), pair.rules, autocast=runtime.autocast)
+    if cfg.rollout.engine == "hf":  # several ranks: each generate steps until every rank is done (FSDP collectives)
+        return engine_cls(runtime.unwrap(pair.student), pair.rules, autocast=runtime.autocast, synced=runtime.world_size > 1)
     return engine_cls(pair.student_path, cfg.rollout, pair.rules, dtype=cfg.model.dtype, seed=cfg.seed,
                       device=runtime.device.type)
 
 
 def sample_rollouts(engine, tokenizer, problems: list[Problem], cfg: TrainConfig, *, seed: int,
-                    runtime: Runtime) -> tuple[list[str], Rollout]:
+                    runtime: Runtime, first: int = 0) -> tuple[list[str], Rollout]:
     """[1]-[2] The student samples `cfg.rollouts_per_prompt` responses per problem; returns the decoded
-    responses (grouped by prompt, think markers kept for the checker) and the batch on the runtime's device."""
+    responses (grouped by prompt, think markers kept for the checker) and the batch on the runtime's device.
+    `first` is the index of the first response in the whole batch (a rank's share starts there): the
+    engine seeds responses by that global index."""
     prompt_ids_P = [encode_prompt(tokenizer, p.prompt, cfg.model.chat_template_kwargs) for p in problems]
     responses_B = engine.generate(prompt_ids_P, cfg.rollouts_per_prompt, seed=seed, temperature=cfg.rollout.temperature,
-                                  top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, max_tokens=cfg.rollout.max_completion_length)
+                                  top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, max_tokens=cfg.rollout.max_completion_length,
+                                  first=first)
     G = cfg.rollouts_per_prompt
     rollout = make_rollout(prompt_ids_P, responses_B, G, engine.rules)
     texts_B = [decode_response(tokenizer, prompt_ids_P[i // G], r) for i, r in enumerate(responses_B)]

@@ -61,6 +61,11 @@ def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     return AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps, kahan_sum=True)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of an FSDP2 parameter (a DTensor); the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class UpdateMeter:
     """One optimizer step, measured: `optim/update_ratio` = |applied update| / |weights| and
     `optim/update_moved_frac` = the share of weights the step changed, both on the optimizer's master
@@ -72,26 +77,30 @@ class UpdateMeter:
 
     NO_STEP = {"optim/update_ratio": 0.0, "optim/update_moved_frac": 0.0}
 
-    def __init__(self, optimizer: torch.optim.Optimizer, sample: int = 1 << 20):
+    def __init__(self, optimizer: torch.optim.Optimizer, sample: int = 1 << 20, cat=None):
+        """`cat` joins every process's sample (`runtime.cat`); with sharded parameters (DTensor) each
+        process samples its own shard."""
         self.optimizer = optimizer
+        self.cat = cat or (lambda x_N: x_N)
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        share = min(1.0, sample / max(1, sum(p.numel() for p in params)))
+        share = min(1.0, sample / max(1, sum(_local(p).numel() for p in params)))
         self.index = []
         for p in params:
-            k = max(1, math.ceil(p.numel() * share))
+            n = _local(p).numel()
+            k = max(1, math.ceil(n * share))
             # integer arithmetic: a float32 linspace rounds past the last index above 2**24 weights
-            idx = None if k >= p.numel() else torch.arange(k, device=p.device) * (p.numel() - 1) // max(1, k - 1)
+            idx = None if k >= n else torch.arange(k, device=_local(p).device) * (n - 1) // max(1, k - 1)
             self.index.append((p, idx))
 
     @torch.no_grad()
     def _master_sample(self) -> torch.Tensor:
         parts = []
         for p, idx in self.index:
-            w = p.detach().reshape(-1)
+            w = _local(p).detach().reshape(-1)
             w = (w if idx is None else w[idx]).float()
             comp = self.optimizer.state.get(p, {}).get("kahan_comp")
-            if torch.is_tensor(comp) and comp.numel() == p.numel():
-                c = comp.reshape(-1)
+            if torch.is_tensor(comp) and _local(comp).numel() == _local(p).numel():
+                c = _local(comp).reshape(-1)
                 w = w + (c if idx is None else c[idx]).float()
             parts.append(w)
         return torch.cat(parts)  # a copy: the step cannot change it
@@ -100,6 +109,7 @@ class UpdateMeter:
         """`optimizer.step()`, and the metrics of the update it applied."""
         before = self._master_sample()
         self.optimizer.step()
-        delta = self._master_sample() - before
+        delta = self.cat(self._master_sample() - before)
+        before = self.cat(before)
         return {"optim/update_ratio": float(delta.norm() / before.norm().clamp_min(1e-30)),
                 "optim/update_moved_frac": float((delta != 0).float().mean())}

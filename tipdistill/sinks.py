@@ -314,11 +314,33 @@ class Sink:
         self.close(exit_code=0 if exc_type is None else 1)  # W&B marks the run failed on 1
 
 
+class SilentSink(Sink):
+    """The sink of a process that does not write (every rank of a job but the main one): same calls, no files."""
+
+    def __init__(self):  # no files opened
+        self.run_dir, self.extra, self.last_step, self._summary = None, NullExtra(), 0, {}
+
+    def log(self, metrics: dict) -> None:
+        self.last_step = int(metrics.get("step", self.last_step))
+
+    def log_table(self, name: str, df: Any) -> None:  # type: ignore[override]
+        return None
+
+    def summary(self, d: dict) -> None:
+        self._summary.update(d)
+
+    def close(self, exit_code: int = 0) -> None:
+        pass
+
+
 def open_sink(cfg: LoggerConfig, run_dir: Path, *, run_name: str, group: Optional[str], config: dict,
-              resume: bool = False) -> Sink:
-    """The one sink of a job. `config` must be a plain resolved dict (`config.to_plain`, P7)."""
+              resume: bool = False, enabled: bool = True) -> Sink:
+    """The one sink of a job. `config` must be a plain resolved dict (`config.to_plain`, P7). `enabled=False`
+    (a job's non-main ranks) gives a sink that writes nothing: one W&B run and one metrics file per job."""
     if not isinstance(config, dict):  # a DictConfig shows raw ${...} in W&B (P7)
         raise TypeError(f"open_sink needs a plain resolved dict (tipdistill.config.to_plain(cfg)), got {type(config).__name__}")
+    if not enabled:
+        return SilentSink()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     extra_cls = SINKS.get(cfg.name)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from tipdistill import models
 from tipdistill.runtime import Runtime
 from tipdistill.types import Rollout
 
@@ -34,19 +33,19 @@ def response_hidden(model, rollout: Rollout, rows: slice) -> torch.Tensor:
 class Teacher:
     """The frozen teacher of a run.
 
-    `offload` (the `teacher_offload` knob) is two-phase placement: the body lives on CPU and visits the
-    device only while it scores; the LM head stays on the device (a copy when tied to the embedding)
-    because every statistics and loss chunk needs it.
+    `offload` (the `teacher_offload` knob) keeps the body off the device except while it scores: with one
+    process two-phase placement (body on CPU, visiting the device per scoring pass), in a sharded job
+    FSDP2's CPU offload of the body's shards. The LM head stays on the device either way (a copy when
+    tied to the embedding) because every statistics and loss chunk needs it. `runtime.place_teacher`
+    decides.
     """
 
     def __init__(self, model, runtime: Runtime, offload: bool = False):
         self.model, self.runtime, self.offload = model, runtime, offload
-        self.head = models.resident_head(model, runtime.device) if offload else model.get_output_embeddings()
-        if offload:
-            model.model.to("cpu")
+        self.head, self._scoring = runtime.place_teacher(model, offload)
 
     @torch.no_grad()
     def hidden_states(self, rollout: Rollout, micro_batch_size: int) -> torch.Tensor:
         """[B, T, H] hidden states predicting every response position, one forward per micro-batch."""
-        with self.runtime.autocast(), models.visiting(self.model.model, self.runtime.device, self.offload):
+        with self.runtime.autocast(), self._scoring():
             return torch.cat([response_hidden(self.model, rollout, rows) for rows in rollout.micro_batches(micro_batch_size)])

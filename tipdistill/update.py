@@ -4,9 +4,12 @@ backward, gradient clipping, optimizer step.
 `update_step` is the only copy of this code: the training loop calls it every step,
 scripts/bench_update.py times it, and `analyze` uses its `statistics`. Two seams are explicit:
 `loss_fn` (the kept-token loss, the fused `fused_head.kept_token_loss` by default, any function with its
-signature) and `runtime` (device, precision, and sums across processes: the kept count the loss divides by, the
-token counts). With one process the statistics' batch normalisation and `per_batch` ranking see the
-whole batch; several processes will need them reduced through the runtime too.
+signature) and `runtime` (device, precision, and what crosses processes). With several processes each rank
+runs the forwards, the loss and the backward on its own rows, while selection sees the whole batch: the
+per-token statistics of every rank are gathered (`runtime.gather_rows`, [B, T] numbers), so the
+entropy clip quantile, min-max normalisation, `per_batch` ranking, random draws, kept count and token
+metrics are exactly one process's on the same batch (at `selector=full` the statistics come from the loss
+pass and are gathered after it).
 Imports torch and transformers only (no Hydra, W&B or vLLM), so it runs on a bare GPU box.
 """
 
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, ContextManager, Optional
 
 import torch
@@ -54,12 +57,14 @@ class Heads:
 
 @dataclass
 class StepResult:
-    """What one update step hands back to the loop."""
+    """What one update step hands back to the loop (stats and keep mask of the whole batch: every rank's
+    rows in rank order; `rows` are this process's)."""
 
     metrics: dict[str, float]  # train/*, select/*, score/*, optim/*
     stats: TokenStats  # [4a] per-token statistics, for the token dumps
     keep_mask_B_T: torch.Tensor  # bool [B, T], the tokens trained on
     finite: bool  # loss and gradient norm were finite (a non-finite step is skipped, not applied)
+    rows: slice = field(default_factory=lambda: slice(None))  # this process's rows of the batch
 
 
 def make_optimizer(cfg: TrainConfig, student: torch.nn.Module):
@@ -133,12 +138,14 @@ def update_step(student, heads: Heads, rollout: Rollout, teacher_hidden_B_T_H: t
     if from_loss:
         stats = TokenStats.zeros(rollout.response_mask_B_T)
 
-    # --- [4b] selection: which response tokens the update trains on
+    # --- [4b] selection: which response tokens the update trains on, ranked over the whole batch
     with timer("selection"):
+        batch, mine = gather_stats(stats, runtime)
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + step)
-        keep_mask_B_T = selector.select(stats, cfg.keep, cfg.selector, generator).to(runtime.device)
-    n_kept = runtime.sum(int(keep_mask_B_T.sum()))
-    n_response = runtime.sum(int(rollout.response_mask_B_T.sum()))
+        batch_keep_B_T = selector.select(batch, cfg.keep, cfg.selector, generator).to(runtime.device)
+        keep_mask_B_T = batch_keep_B_T[mine, : stats.mask_B_T.shape[1]]  # this process's rows
+    n_kept = int(batch_keep_B_T.sum())
+    n_response = int(batch.mask_B_T.sum())
 
     # --- [5] loss on kept positions only, mean over kept tokens; backward per micro-batch
     loss_total = 0.0
@@ -154,22 +161,36 @@ def update_step(student, heads: Heads, rollout: Rollout, teacher_hidden_B_T_H: t
         loss_total += float(loss.detach())
         del hidden, loss_sum, loss
     hidden_B_T_H = workspace = None  # the graph is gone; free the activations and chunk buffers before the optimizer allocates
+    loss_total = runtime.sum(loss_total)  # each process's share of the batch mean
+    if from_loss:  # the loss pass filled this process's statistics: now the whole batch's, for the metrics
+        batch, _ = gather_stats(stats, runtime)
 
     # --- [6] clip, step (skipped when non-finite), zero the gradients
     with timer("optimizer"):
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip))
+        grad_norm = runtime.grad_norm(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip))
         lr = scheduler.get_last_lr()[0]
         finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
         update_m = UpdateMeter.NO_STEP
         if finite and n_kept > 0:
-            update_m = UpdateMeter(optimizer)()  # optimizer.step(), plus optim/update_ratio of what it applied
+            update_m = UpdateMeter(optimizer, cat=runtime.cat)()  # optimizer.step(), plus optim/update_ratio of what it applied
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
     metrics = {"train/loss": loss_total, "train/response_tokens": n_response, "train/kept_tokens": n_kept,
                "select/keep_frac": n_kept / max(1, n_response), "optim/lr": lr, "optim/grad_norm": grad_norm, **update_m,
-               **token_metrics(stats, keep_mask_B_T, cfg)}
-    return StepResult(metrics, stats, keep_mask_B_T, finite)
+               **token_metrics(batch, batch_keep_B_T, cfg)}
+    return StepResult(metrics, batch, batch_keep_B_T, finite, mine)
+
+
+def gather_stats(stats: TokenStats, runtime: Runtime) -> tuple[TokenStats, slice]:
+    """The whole batch's statistics on every process (rank order = one process's row order, since each
+    rank holds a contiguous share of the prompts), and this process's rows: one gather of [B, T, S]
+    numbers (S = 4, or 3 when the step did not compute fkl; every rank runs the same selector)."""
+    parts = [stats.h_B_T, stats.rkl_B_T, stats.mask_B_T.float()] + ([] if stats.fkl_B_T is None else [stats.fkl_B_T])
+    batch_B_T_S, rows = runtime.gather_rows(torch.stack(parts, dim=-1))
+    gathered = [batch_B_T_S[..., i].contiguous() for i in range(len(parts))]  # contiguous: sums as before
+    return TokenStats(h_B_T=gathered[0], rkl_B_T=gathered[1], mask_B_T=gathered[2] > 0,
+                      fkl_B_T=gathered[3] if len(parts) == 4 else None), rows
 
 
 @torch.no_grad()
