@@ -7,7 +7,8 @@ replaced atomically afterwards, so a crash (or a full disk) while saving leaves 
 checkpoint usable. `manifest.json` records every file's size, so a checkpoint damaged later (a
 truncated copy, a lost node) is recognised on resume and the newest intact one is used instead.
 
-`runtime.checkpoints` is the format of the runtime a run uses (`PretrainedCheckpoints` for one process).
+A job of several processes writes the same layout with sharded weights and optimizer state
+(`ShardedCheckpoints`); `runtime.checkpoints` is the format of the runtime a run uses.
 """
 
 from __future__ import annotations
@@ -221,3 +222,99 @@ class PretrainedCheckpoints:
         student.save_pretrained(out)
         tokenizer.save_pretrained(out)
 
+
+class ShardedCheckpoints:
+    """A job of N ranks: student and optimizer shards through torch.distributed.checkpoint (every rank
+    writes its own shards into `dcp/`), and rank 0 writes the shared files: trainer_state.pt (step,
+    scheduler, sampler RNG, every rank's torch RNG, summary), sharded.json (the world size), the
+    student's config and tokenizer. Same directory layout, atomic rename and rotation as one process;
+    resumable only with the same number of ranks."""
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def check(self, path: Path) -> None:
+        n, world = _written_by(path), self.runtime.world_size
+        if not (path / SHARDED).is_file():
+            raise ConfigError(f"resume: {path} was written by one process without torchrun; fix: resume it without torchrun "
+                              "(tipdistill train ... resume=<run dir>)")
+        if n != world:
+            raise ConfigError(f"resume: {path} was written by {n} ranks, this job has {world}; fix: resume with "
+                              f"torchrun --nproc_per_node {n} (sharded optimizer state is tied to the world size)")
+
+    def weights_of(self, path: Path) -> Optional[Path]:
+        return None
+
+    def _agree(self, error: Optional[BaseException], step: int, run_dir: Path) -> None:
+        """Every rank raises if any rank failed, so no rank waits in a collective the others left."""
+        if self.runtime.sum(int(error is not None)):
+            previous = latest(run_dir)
+            raise CheckpointError(f"saving the checkpoint of step {step} failed ({error or 'on another rank'}); the previous "
+                                  f"checkpoint {previous if previous else '(none)'} is intact") from error
+
+    def save(self, run_dir, step, student, tokenizer, optimizer, scheduler, state, keep_last):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        rt = self.runtime
+        root = run_dir / "checkpoints"
+        final = root / f"step_{step:06d}"
+        tmp = root / f".tmp_step_{step:06d}"
+        error = None
+        if rt.is_main:
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            except OSError as exc:
+                error = exc
+        self._agree(error, step, run_dir)
+        model_sd, optim_sd = get_state_dict(student, optimizer)
+        try:
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+        except Exception as exc:  # DCP raises on every rank when any rank's write failed
+            error = exc
+        self._agree(error, step, run_dir)
+        rngs = [None] * rt.world_size
+        torch.distributed.all_gather_object(rngs, torch.get_rng_state())
+        if rt.is_main:
+            try:
+                student.config.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                torch.save({"step": step, "scheduler": scheduler.state_dict(), "torch_rng": rngs[0], "torch_rng_ranks": rngs,
+                            "world_size": rt.world_size, **state}, tmp / "trainer_state.pt")
+                (tmp / SHARDED).write_text(json.dumps({"world_size": rt.world_size}))
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _write_atomic(root / "latest", final.name)
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                error = exc
+        self._agree(error, step, run_dir)
+        if rt.is_main:
+            for old in sorted(root.glob("step_*"))[:-keep_last] if keep_last > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        torch.distributed.barrier()
+        return final
+
+    def restore(self, path: Path, student, optimizer) -> dict:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(student, optimizer)
+        both = {"model": model_sd, "optim": optim_sd}
+        dcp.load(both, checkpoint_id=str(path / "dcp"))
+        set_state_dict(student, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
+        state = load_state(path)
+        state["torch_rng"] = state["torch_rng_ranks"][self.runtime.rank]
+        return state
+
+    def export(self, student, tokenizer, out: Path) -> None:
+        """Rank 0 gathers the full weights into CPU memory (one copy) and writes them with save_pretrained."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.runtime.is_main:
+            student.save_pretrained(out, state_dict=full)
+            tokenizer.save_pretrained(out)
+        torch.distributed.barrier()

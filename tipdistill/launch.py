@@ -1,0 +1,18 @@
+"""Was this process started as one rank of a job (torchrun, or submitit's TorchDistributedEnvironment)?
+Torch-free, so the CLI can ask before it imports the training stack."""
+
+from __future__ import annotations
+
+import os
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # set by torchrun for every process it starts
+
+
+def launched() -> bool:
+    """Started by a distributed launcher: every process of the job has its rank in the environment."""
+    return all(v in os.environ for v in LAUNCH_VARS)
+
+
+def rank() -> int:
+    """This process's rank in the job (0 without a launcher)."""
+    return int(os.environ.get("RANK", "0"))
