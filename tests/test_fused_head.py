@@ -148,6 +148,27 @@ def test_partial_mask_trains_only_the_kept_positions(name):
     assert (fused[2][~keep] == 0).all()  # no gradient reaches dropped positions
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_an_unhooked_head_is_linear_to_the_fused_loss(bias):
+    """The sharded student's head (`UnhookedHead`: its module's current weight, no FSDP2 hooks) takes the
+    fused pass like the torch.nn.Linear it wraps: same loss, and the same gradients land in that weight."""
+    from tipdistill.numerics import UnhookedHead
+
+    sh, th, mask, student_head, teacher_head = _setup(bias=bias)
+    plain = _loss_and_grads(kept_token_loss, sh, th, mask, student_head, teacher_head, divergence="reverse_kl", beta=0.5,
+                            chunk_size=3)
+    student_head.zero_grad(set_to_none=True)
+    h = sh.clone().requires_grad_(True)
+    loss, n = kept_token_loss(h, th, mask, UnhookedHead(student_head), teacher_head, "reverse_kl", 0.5, 3)
+    (loss / max(n, 1)).backward()
+    assert n == plain[1]
+    torch.testing.assert_close(loss.detach(), plain[0], rtol=0, atol=0)
+    torch.testing.assert_close(h.grad, plain[2], rtol=0, atol=0)
+    torch.testing.assert_close(student_head.weight.grad, plain[3], rtol=0, atol=0)
+    if bias:
+        torch.testing.assert_close(student_head.bias.grad, plain[4], rtol=0, atol=0)
+
+
 def test_tied_embeddings_full_parameter_gradient_equals_the_naive_update():
     """A small Qwen with tied embedding / LM head (the embedded pair's layout): every parameter's gradient,
     the shared embedding = head weight included, equals the naive update's (float64)."""

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from tipdistill import checkpoint, models
 from tipdistill.errors import ConfigError
 from tipdistill.launch import launched
+from tipdistill.numerics import UnhookedHead
 from tipdistill.precision import Precision, precision
 from tipdistill.runtime import LocalRuntime, Number, Runtime, pick_device
 
@@ -275,21 +276,3 @@ class DistributedRuntime:
     def autocast(self):
         return self.precision.autocast(self.device)
 
-
-class UnhookedHead:
-    """An LM head applied to whatever weight its module holds now (FSDP2 swaps the gathered weight in and
-    out), without the module's hooks. `weight`/`bias` are there for code that reads them directly."""
-
-    def __init__(self, head: torch.nn.Module):
-        self.head = head
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.head.weight
-
-    @property
-    def bias(self):
-        return self.head.bias
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(hidden, self.head.weight, self.head.bias)

@@ -39,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from tipdistill.numerics import Head
+from tipdistill.numerics import Head, is_linear
 from tipdistill.types import TokenStats
 
 STATS = frozenset({"h", "rkl", "fkl"})  # what the pass can hand out per token
@@ -122,7 +122,7 @@ class _Operand:
     @classmethod
     def of(cls, head: Head, vocab_width: Optional[int], compute: torch.dtype, mm_dtype: torch.dtype, buf: torch.dtype,
            probe: torch.Tensor) -> "_Operand":
-        if not isinstance(head, torch.nn.Linear):
+        if not is_linear(head):
             vocab = head(probe[:1]).shape[-1] if vocab_width is None else vocab_width
             return cls(head, vocab, compute)
         vocab = head.weight.shape[0] if vocab_width is None else vocab_width
@@ -394,7 +394,7 @@ def kept_token_loss(
     if n_kept == 0:
         # An empty sum is 0 with a grad path, and cannot pick up NaN/inf from padding positions.
         return student_hidden_B_T_H.reshape(-1)[:0].sum(), 0
-    if not isinstance(student_head, torch.nn.Linear):
+    if not is_linear(student_head):
         raise TypeError(f"the fused loss needs a linear student LM head (torch.nn.Linear), got {type(student_head).__name__}")
     # One gather: its backward is one index_put, so the backbone backpropagates once from K x H.
     s_K_H = student_hidden_B_T_H.reshape(B * T, H)[idx_K]

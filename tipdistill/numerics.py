@@ -13,9 +13,36 @@ from typing import Callable, Optional
 
 import torch
 
-# hidden [..., H] -> logits [..., V]: model.lm_head, a torch.nn.Linear (the fused pass of fused_head.py uses its
-# weight directly; the loss needs one), or any callable (statistics and references: it may mask entries with -inf)
+# hidden [..., H] -> logits [..., V]: model.lm_head, a linear head (`is_linear`: the fused pass of fused_head.py uses
+# its weight directly; the loss needs one), or any callable (statistics and references: it may mask entries with -inf)
 Head = Callable[[torch.Tensor], torch.Tensor]
+
+
+class UnhookedHead:
+    """A linear LM head applied to whatever weight its module holds now, without the module's hooks: FSDP2
+    swaps the gathered weight in and out (tipdistill/distributed.py), and a hooked call per chunk would add
+    collectives that ranks with different chunk counts do not share. `weight`/`bias` are the module's
+    current ones, for the fused pass that multiplies by them directly."""
+
+    def __init__(self, head: torch.nn.Linear):
+        self.head = head
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.head.bias
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden, self.head.weight, self.head.bias)
+
+
+def is_linear(head: Head) -> bool:
+    """A head that is `hidden @ weight.T + bias` with readable weight and bias: a torch.nn.Linear or one
+    applied unhooked (the sharded student's, `UnhookedHead`)."""
+    return isinstance(head, (torch.nn.Linear, UnhookedHead))
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
