@@ -4,6 +4,10 @@ Hydra has no subcommands, so the first argument is popped here before the Hydra 
 The config directory is passed as an absolute path: with a console script, a relative
 `config_path` would be looked up as a Python package (hydra issue 2125). Bad input, whether Hydra
 finds it while composing or tipdistill while validating, is one line on stderr and exit code 2.
+
+Under torchrun (`torchrun --nproc_per_node N -m tipdistill train ...`) every rank runs this CLI and
+composes the config itself; the ranks first join one process group and agree on the launch time, so
+run directories named after it are one directory (hydra #2070), and only rank 0 writes Hydra's files.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from tipdistill import launch
 from tipdistill.bad_input import describe
 from tipdistill.config import (CONF_DIR, ConfigError, chosen_task, config_groups, register_configs, schema_for, to_plain,
                                validate)
@@ -71,7 +76,7 @@ def _discard_if_empty(run_dir: Path) -> None:
     """Bad input must not leave a half-written run directory behind (only Hydra's own files)."""
     import shutil
 
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", "config_resolved.yaml"}:
+    if launch.rank() == 0 and run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", "config_resolved.yaml"}:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -90,25 +95,35 @@ def train_task(cfg: DictConfig) -> float:
         _fail(exc)
     from tipdistill.train import TrainingStopped, train, write_resolved_config  # seconds of imports: after validation
 
-    if not resume:
+    if not resume and launch.rank() == 0:
         write_resolved_config(to_plain(cfg), run_dir)
     name, group = _run_identity()
     try:
-        summary = train(typed, run_dir, run_name=name, group=group)
+        from tipdistill import distributed
+
+        summary = train(typed, run_dir, run_name=name, group=group, runtime=distributed.make_runtime(typed))
     except ConfigError as exc:
         _discard_if_empty(hydra_dir)
         _fail(exc)
     except TrainingStopped as exc:
         print(f"tipdistill: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    distributed.finish()  # a no-op in one process
     log.info("summary: %s", summary)
     log.info("run directory: %s", run_dir)
     return float(summary["eval/accuracy_end"])  # the objective a sweeper optimises
 
 
+def _one_process(cmd: str) -> None:
+    if launch.launched():
+        _fail(ConfigError(f"`tipdistill {cmd}` runs in one process; fix: run it without torchrun (a torchrun `train` job "
+                          "prepares a missing embedded pair on rank 0 itself)"))
+
+
 def prepare_task(cfg: DictConfig) -> None:
     from tipdistill import embedded
 
+    _one_process("prepare")
     typed = _typed(cfg)
     if typed.model.embedded is None:
         _fail(ConfigError(f"model={typed.model.name} is not an embedded pair; fix: `tipdistill prepare` builds model=embedded pairs only"))
@@ -120,6 +135,7 @@ def prepare_task(cfg: DictConfig) -> None:
 def analyze_task(cfg: DictConfig) -> None:
     from tipdistill.analyze import analyze
 
+    _one_process("analyze")
     typed = _typed(cfg)
     try:
         analyze(typed, Path(HydraConfig.get().runtime.output_dir))
@@ -177,7 +193,20 @@ def main() -> None:
         sys.exit(main_report(argv[1:]))
     register_configs()
     os.environ["TIPDISTILL_COMMAND"] = cmd  # conf/hydra/default.yaml names the job after it
+    if launch.launched():
+        _join_job(argv)
     _run_app(COMMANDS[cmd])
+
+
+def _join_job(argv: list[str]) -> None:
+    """A rank of a torchrun job: join the process group, take rank 0's clock for `${launch:...}` (the run
+    directory), and leave Hydra's files and log file to rank 0 (the others log warnings to the console)."""
+    from tipdistill import distributed
+
+    distributed.start()
+    os.environ["TIPDISTILL_LAUNCH_TIME"] = repr(distributed.launch_time())
+    if launch.rank() != 0:
+        argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING"]
 
 
 if __name__ == "__main__":

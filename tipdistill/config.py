@@ -319,6 +319,17 @@ def _check_names(cfg: TrainConfig) -> None:
                                       f"fix: choose the task with task={cfg.task.name} (the config group), not task.name=")
 
 
+def launch_time(pattern: str) -> str:
+    """`${launch:%H-%M-%S}` in run and sweep directories: the time this job started, the same on every rank
+    of a torchrun job (rank 0's clock, passed as TIPDISTILL_LAUNCH_TIME; Hydra's `${now:}` would be read on
+    each rank, seconds apart: hydra #2070); the current time in one process."""
+    import os
+    from datetime import datetime
+
+    shared = os.environ.get("TIPDISTILL_LAUNCH_TIME")
+    return (datetime.fromtimestamp(float(shared)) if shared else datetime.now()).strftime(pattern)
+
+
 def register_configs() -> None:
     """Make the schemas available to Hydra's defaults lists: `base_train` (conf/train.yaml) and one
     `<task>_schema` per task (conf/task/<task>.yaml starts from its own)."""
@@ -327,6 +338,8 @@ def register_configs() -> None:
 
     from tipdistill.tasks import TASKS
 
+    if not OmegaConf.has_resolver("launch"):
+        OmegaConf.register_new_resolver("launch", launch_time, use_cache=True)
     cs = ConfigStore.instance()
     base = OmegaConf.structured(TrainConfig)
     # The task node is typed by the base class, so that whichever task schema the task group picks
