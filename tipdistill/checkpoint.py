@@ -8,7 +8,9 @@ checkpoint usable. `manifest.json` records every file's size, so a checkpoint da
 truncated copy, a lost node) is recognised on resume and the newest intact one is used instead.
 
 A job of several processes writes the same layout with sharded weights and optimizer state
-(`ShardedCheckpoints`); `runtime.checkpoints` is the format of the runtime a run uses.
+(`ShardedCheckpoints`: every rank's shards under `dcp/`, and `sharded.json`); rank 0 writes the
+manifest once every rank has written, so `verify` checks those shards as it checks safetensors.
+`runtime.checkpoints` is the format of the runtime a run uses.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 STATE = "trainer_state.pt"
 STATE_KEYS = ("step", "optimizer", "scheduler", "torch_rng", "task_rng", "summary", "last_eval")
+SHARDED = "sharded.json"  # present in (and only in) a checkpoint written by a job of several processes
+SHARDS = "dcp"  # the sharded format's student and optimizer: torch.distributed.checkpoint's files, every rank's
+# the sharded format's trainer state: the optimizer is in the shards, every rank's torch RNG is here
+SHARDED_STATE_KEYS = ("step", "scheduler", "torch_rng", "torch_rng_ranks", "world_size", "task_rng", "summary", "last_eval")
 
 
 class CheckpointError(RuntimeError):
@@ -52,23 +58,33 @@ def save(run_dir: Path, step: int, student, tokenizer, optimizer, scheduler, sta
         tokenizer.save_pretrained(tmp)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(), **state}, tmp / STATE)
-        sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps({"files": sizes}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(root / "latest", final.name)
+        _publish(tmp, final)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest(run_dir)
         raise CheckpointError(f"saving the checkpoint of step {step} failed ({exc}); the previous checkpoint "
                               f"{previous if previous else '(none)'} is intact") from exc
-    # Rotation looks only at steps up to this one: after a resume from an older checkpoint, newer
-    # (damaged) ones must not count towards keep_last, or the one just written could be deleted.
+    _rotate(root, step, keep_last)
+    return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Record every file's size in the manifest (the files of every rank, for a sharded checkpoint: the
+    caller publishes after all of them are written), rename the checkpoint into place, point `latest` at it."""
+    sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+    (tmp / MANIFEST).write_text(json.dumps({"files": sizes}, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_atomic(final.parent / "latest", final.name)
+
+
+def _rotate(root: Path, step: int, keep_last: int) -> None:
+    """Keep the newest `keep_last` step checkpoints up to `step`. Only steps up to this one count: after a
+    resume from an older checkpoint, newer (damaged) ones must not, or the one just written could be deleted."""
     done = sorted(p for p in root.glob("step_*") if _step_of(p) is not None and _step_of(p) <= step)
     for old in done[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def _step_of(path: Path) -> int | None:
@@ -109,16 +125,20 @@ def verify(path: Path) -> dict:
 
     Checks, cheapest first: every file in the manifest present at its recorded size (checkpoints
     written before the manifest existed are checked for the files resuming needs), every weight
-    tensor readable through safetensors, and the trainer state loadable with every key.
+    tensor readable (safetensors; a sharded checkpoint's every shard, `_verify_shards`), and the
+    trainer state loadable with every key of its format.
     """
-    from safetensors import safe_open
-
+    sharded = (path / SHARDED).is_file()
     manifest = path / MANIFEST
+    listed = None
     if manifest.is_file():
         try:
             sizes = json.loads(manifest.read_text())["files"]
         except (ValueError, KeyError) as exc:
             raise DamagedCheckpoint(f"{MANIFEST} is unreadable ({exc})") from None
+        listed = set(sizes)
+    elif sharded:
+        sizes = {name: None for name in ("config.json", STATE, SHARDED, f"{SHARDS}/.metadata")}
     else:
         sizes = {name: None for name in ("config.json", STATE, *_weight_files(path))}
     for name, size in sizes.items():
@@ -127,6 +147,26 @@ def verify(path: Path) -> dict:
             raise DamagedCheckpoint(f"{name} is missing")
         if size is not None and f.stat().st_size != size:
             raise DamagedCheckpoint(f"{name} has {f.stat().st_size} bytes, {size} were written (truncated or overwritten)")
+    if sharded:
+        _verify_shards(path, listed)
+    else:
+        _verify_weights(path)
+    try:
+        state = load_state(path)
+    except Exception as exc:  # a damaged zip/pickle can raise almost anything
+        raise DamagedCheckpoint(f"{STATE} is unreadable ({_first_line(exc)})") from None
+    missing = [k for k in (SHARDED_STATE_KEYS if sharded else STATE_KEYS) if k not in state]
+    if missing:
+        raise DamagedCheckpoint(f"{STATE} lacks {', '.join(missing)}")
+    if state["step"] != _step_of(path):
+        raise DamagedCheckpoint(f"{STATE} is for step {state['step']}, not {_step_of(path)}")
+    return state
+
+
+def _verify_weights(path: Path) -> None:
+    """Every tensor of the one-process format's weight files readable through safetensors."""
+    from safetensors import safe_open
+
     for name in _weight_files(path):
         try:
             with safe_open(str(path / name), framework="pt") as weights:
@@ -134,16 +174,48 @@ def verify(path: Path) -> dict:
                     weights.get_tensor(key)
         except Exception as exc:  # safetensors raises its own error type (bad header, short buffer)
             raise DamagedCheckpoint(f"{name} is unreadable ({_first_line(exc)})") from None
+
+
+def _verify_shards(path: Path, listed: Optional[set]) -> None:
+    """The sharded format's shards: DCP's metadata readable; every shard file it names (every rank's)
+    present, in the manifest when there is one (rank 0 writes it once all ranks have written), long
+    enough for every item it holds; and every tensor item deserialisable, one at a time (no process
+    group needed, so every rank checks alone and memory holds one item)."""
+    import io
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     try:
-        state = load_state(path)
-    except Exception as exc:  # a damaged zip/pickle can raise almost anything
-        raise DamagedCheckpoint(f"{STATE} is unreadable ({_first_line(exc)})") from None
-    missing = [k for k in STATE_KEYS if k not in state]
-    if missing:
-        raise DamagedCheckpoint(f"{STATE} lacks {', '.join(missing)}")
-    if state["step"] != _step_of(path):
-        raise DamagedCheckpoint(f"{STATE} is for step {state['step']}, not {_step_of(path)}")
-    return state
+        metadata = FileSystemReader(str(path / SHARDS)).read_metadata()
+        items = metadata.storage_data.items()
+    except Exception as exc:  # a damaged pickle can raise almost anything
+        raise DamagedCheckpoint(f"{SHARDS}/.metadata is unreadable ({_first_line(exc)})") from None
+    by_file: dict[str, list] = {}
+    for index, info in items:
+        by_file.setdefault(info.relative_path, []).append((index, info))
+    for rel, file_items in sorted(by_file.items()):
+        name = f"{SHARDS}/{rel}"
+        f = path / name
+        if not f.is_file():
+            raise DamagedCheckpoint(f"{name} is missing")
+        if listed is not None and name not in listed:
+            raise DamagedCheckpoint(f"{name} is not in {MANIFEST} (written after the checkpoint was published, or copied in)")
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as stream:
+                for index, info in file_items:
+                    if info.offset + info.length > size:
+                        raise DamagedCheckpoint(f"{name} has {size} bytes, its items need {info.offset + info.length} (truncated)")
+                    stream.seek(info.offset)
+                    data = stream.read(info.length)
+                    tensor = isinstance(metadata.state_dict_metadata.get(index.fqn), TensorStorageMetadata)
+                    if tensor and not getattr(info, "transform_descriptors", None):  # torch.save'd, as DCP reads it
+                        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except DamagedCheckpoint:
+            raise
+        except Exception as exc:  # a damaged zip/pickle can raise almost anything
+            raise DamagedCheckpoint(f"{name} is unreadable ({_first_line(exc)})") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -172,9 +244,6 @@ def newest_intact(run_dir: Path) -> tuple[Path, dict]:
 
 
 # --- one format per runtime: the loop asks `runtime.checkpoints` ------------------------------------------
-
-SHARDED = "sharded.json"  # present in (and only in) a checkpoint written by a job of several processes
-
 
 class Checkpoints(Protocol):
     def check(self, path: Path) -> None:
@@ -270,7 +339,7 @@ class ShardedCheckpoints:
         self._agree(error, step, run_dir)
         model_sd, optim_sd = get_state_dict(student, optimizer)
         try:
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / SHARDS))
         except Exception as exc:  # DCP raises on every rank when any rank's write failed
             error = exc
         self._agree(error, step, run_dir)
@@ -281,31 +350,27 @@ class ShardedCheckpoints:
                 student.config.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
                 torch.save({"step": step, "scheduler": scheduler.state_dict(), "torch_rng": rngs[0], "torch_rng_ranks": rngs,
-                            "world_size": rt.world_size, **state}, tmp / "trainer_state.pt")
+                            "world_size": rt.world_size, **state}, tmp / STATE)
                 (tmp / SHARDED).write_text(json.dumps({"world_size": rt.world_size}))
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-                _write_atomic(root / "latest", final.name)
+                _publish(tmp, final)  # every rank's shards are written (dcp.save returned on every rank): the manifest lists them
             except OSError as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
                 error = exc
         self._agree(error, step, run_dir)
         if rt.is_main:
-            for old in sorted(root.glob("step_*"))[:-keep_last] if keep_last > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
+            _rotate(root, step, keep_last)
         torch.distributed.barrier()
         return final
 
-    def restore(self, path: Path, student, optimizer) -> dict:
+    def restore(self, path: Path, state: dict, student, optimizer) -> dict:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         model_sd, optim_sd = get_state_dict(student, optimizer)
         both = {"model": model_sd, "optim": optim_sd}
-        dcp.load(both, checkpoint_id=str(path / "dcp"))
+        dcp.load(both, checkpoint_id=str(path / SHARDS))
         set_state_dict(student, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
-        state = load_state(path)
+        state = dict(state)
         state["torch_rng"] = state["torch_rng_ranks"][self.runtime.rank]
         return state
 
