@@ -85,8 +85,8 @@ def _check_shares(cfg, world_size: int) -> None:
     if cfg.task.eval_size < world_size:
         raise ConfigError(f"task.eval_size={cfg.task.eval_size} is less than the {world_size} ranks; fix: task.eval_size >= {world_size}")
     if cfg.optim.name != "adamw":
-        raise ConfigError(f"optim={cfg.optim.name} is not supported with several ranks (torch-optimi's Kahan AdamW does not "
-                          "take FSDP2's sharded parameters); fix: fp32 master weights with optim=adamw")
+        raise ConfigError(f"optim={cfg.optim.name} is not supported in a torchrun job (torch-optimi's Kahan AdamW on FSDP2's "
+                          "sharded parameters is untested); fix: fp32 master weights with optim=adamw")
 
 
 @dataclass
