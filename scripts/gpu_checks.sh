@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # One prepared GPU check for a device session (issues 5 and 15), run in a single call from the repo root:
 #   bash scripts/gpu_checks.sh
-# Bounded to about 6 minutes of command time (each step has its own budget or timeout); every step
+# Bounded to about 8.5 minutes of command time (each step has its own budget or timeout); every step
 # prints a short table, all of it lands in $OUT (the device tool brings it back) or outputs/gpu_checks.
+#  0) a world-size-1 FSDP2 run of the update step (issue 13, scripts/fsdp_check.py): the same steps as one
+#     process and as a 1-rank FSDP2 job (sharded student and teacher, bf16 MixedPrecisionPolicy over fp32
+#     master shards, the fused head on the unsharded head weight): step time, peak memory, losses and
+#     the weight difference;                                                                  <= 150 s
 #  1) correctness of the fused LM-head loss on CUDA: bf16 autocast over an fp32 head and fp32, against
 #     float64 (tests/test_fused_head.py's checks, on the device);                              ~20 s
 #  2) the chunk size of the fused pass on this GPU (scripts/bench_chunk.py; its pick goes into
@@ -33,6 +37,10 @@ print(f"card: {torch.cuda.get_device_name()} ({p.total_memory / 2**30:.0f} GiB) 
       f"(CUDA {torch.version.cuda}) | transformers {transformers.__version__} | importable: {extra}")
 EOF
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_checks: CUDA/torch check failed"; exit 1; }
+
+echo "=== 0) world-size-1 FSDP2 vs one process (update step) ==="
+timeout 150 "$PY" scripts/fsdp_check.py --device cuda --out "$DEST/fsdp_check" 2>&1 | tee "$DEST/fsdp_check.log"
+rc_fsdp=${PIPESTATUS[0]}
 
 echo "=== 1) fused loss on CUDA against float64 ==="
 timeout 60 "$PY" - <<'EOF' 2>&1 | tee "$DEST/fused_correctness.txt"
@@ -81,5 +89,5 @@ rc1=${PIPESTATUS[0]}
 echo "=== 4) Liger-Kernel fused linear JSD vs ours ==="
 timeout 75 "$PY" scripts/bench_liger.py --device cuda 2>&1 | tee "$DEST/bench_liger.txt"
 
-echo "gpu_checks: done in $(( $(date +%s) - START )) s (correctness rc=$rc0, benchmark rc=$rc1); results in $DEST"
-[ "$rc0" -eq 0 ] && [ "$rc1" -eq 0 ]
+echo "gpu_checks: done in $(( $(date +%s) - START )) s (fsdp rc=$rc_fsdp, correctness rc=$rc0, benchmark rc=$rc1); results in $DEST"
+[ "$rc_fsdp" -eq 0 ] && [ "$rc0" -eq 0 ] && [ "$rc1" -eq 0 ]
