@@ -35,12 +35,16 @@ class VLLMEngine:
             model=str(model_dir), dtype=dtype, enforce_eager=True, max_model_len=rules.context,
             max_num_seqs=cfg.max_num_seqs, seed=seed, generation_config="vllm",
         )
-        import torch.distributed as dist
+        from tipdistill.launch import launched
 
-        if dist.is_initialized():  # a torchrun job: this rank's engine joins the trainer's process group
+        # A torchrun job: this rank's engine joins the trainer's process group. Asked of the environment, not of
+        # torch.distributed: a one-process vLLM engine initialises a group of its own, and the next engine of the
+        # same process must not take that for a job.
+        job = launched()
+        if job:
             kwargs.update(distributed_executor_backend="external_launcher")
         # ranks that submit to one engine (torchrun with tensor parallelism); one process drives its own TP workers
-        self.tp = cfg.tensor_parallel_size if device == "cuda" and dist.is_initialized() else 1
+        self.tp = cfg.tensor_parallel_size if device == "cuda" and job else 1
         if device == "cuda":
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.enable_sleep_mode,
                           tensor_parallel_size=cfg.tensor_parallel_size)
