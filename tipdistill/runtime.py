@@ -32,7 +32,7 @@ from typing import Callable, ContextManager, Iterator, Protocol, TypeVar
 
 import torch
 
-from tipdistill import checkpoint, models
+from tipdistill import checkpoint
 from tipdistill.precision import Precision, precision
 
 Number = TypeVar("Number", int, float, torch.Tensor)
@@ -120,6 +120,8 @@ class LocalRuntime:
 
     def load_model(self, name: str, dtype: str, *, trainable: bool, trust_remote_code: bool = False,
                    gradient_checkpointing: bool = False, offload: bool = False) -> torch.nn.Module:
+        from tipdistill import models  # transformers' Auto classes: only where a model is loaded (tests/test_imports.py)
+
         model = models.load_model(name, dtype, self.device, trainable=trainable, trust_remote_code=trust_remote_code)
         if gradient_checkpointing:  # non-reentrant: works with the frozen inputs and the chunked loss
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -129,6 +131,8 @@ class LocalRuntime:
         """`offload` is two-phase placement: the body on CPU except while it scores, the head resident."""
         if not offload:
             return model.get_output_embeddings(), nullcontext
+        from tipdistill import models
+
         head = models.resident_head(model, self.device)
         model.model.to("cpu")
         return head, partial(models.visiting, model.model, self.device, True)
