@@ -140,12 +140,16 @@ def update_step(student, heads: Heads, rollout: Rollout, teacher_hidden_B_T_H: t
 
     # --- [4b] selection: which response tokens the update trains on, ranked over the whole batch
     with timer("selection"):
-        batch, mine = gather_stats(stats, runtime)
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + step)
-        batch_keep_B_T = selector.select(batch, cfg.keep, cfg.selector, generator).to(runtime.device)
-        keep_mask_B_T = batch_keep_B_T[mine, : stats.mask_B_T.shape[1]]  # this process's rows
-    n_kept = int(batch_keep_B_T.sum())
-    n_response = int(batch.mask_B_T.sum())
+        if from_loss:  # every valid token: this process's rows need nothing from the others (gathered after the loss)
+            keep_mask_B_T = selector.select(stats, cfg.keep, cfg.selector, generator).to(runtime.device)
+            n_kept = n_response = runtime.sum(int(keep_mask_B_T.sum()))
+        else:
+            batch, mine = gather_stats(stats, runtime)
+            batch_keep_B_T = selector.select(batch, cfg.keep, cfg.selector, generator).to(runtime.device)
+            keep_mask_B_T = batch_keep_B_T[mine, : stats.mask_B_T.shape[1]]  # this process's rows
+            n_kept = int(batch_keep_B_T.sum())
+            n_response = int(batch.mask_B_T.sum())
 
     # --- [5] loss on kept positions only, mean over kept tokens; backward per micro-batch
     loss_total = 0.0
@@ -163,7 +167,8 @@ def update_step(student, heads: Heads, rollout: Rollout, teacher_hidden_B_T_H: t
     hidden_B_T_H = workspace = None  # the graph is gone; free the activations and chunk buffers before the optimizer allocates
     loss_total = runtime.sum(loss_total)  # each process's share of the batch mean
     if from_loss:  # the loss pass filled this process's statistics: now the whole batch's, for the metrics
-        batch, _ = gather_stats(stats, runtime)
+        batch, mine = gather_stats(stats, runtime)
+        batch_keep_B_T = batch.mask_B_T.to(runtime.device)
 
     # --- [6] clip, step (skipped when non-finite), zero the gradients
     with timer("optimizer"):
