@@ -48,12 +48,13 @@ _ORDER = ("h", "rkl", "fkl")
 # Rows per LM-head chunk, per device type: the default of `scoring.chunk_size` and `loss.chunk_size`.
 # scripts/bench_chunk.py measures the choice on a device (README "Chunk size"). CPU: 128 rows in 8-row
 # blocks, the first version's setting: the sweep has not yet run on a quiet 2-core box (README);
-# CUDA: not measured yet (scripts/gpu_checks.sh runs the sweep and prints its pick), 512 until then.
-CHUNK_ROWS = {"cpu": 128, "cuda": 512}
+# CUDA: the sweep's pick on an H200 (2026-11-29, bf16, V=151,936: 2048 x 512 took 0.105 s for 8,192
+# rows with 3.6 GiB of buffers; 512 x 128, the earlier guess, 0.124 s with 0.9 GiB).
+CHUNK_ROWS = {"cpu": 128, "cuda": 2048}
 # Rows per elementwise block: on CPU a block of the (C x V) buffers small enough to stay in the caches
 # while a dozen passes run over it (DRAM bandwidth, not arithmetic, bounds them otherwise); on CUDA
 # a fraction of the chunk, which bounds the scratch buffers.
-BLOCK_ROWS = {"cpu": 8, "cuda": 128}
+BLOCK_ROWS = {"cpu": 8, "cuda": 512}
 
 
 def default_chunk(device: torch.device) -> int:
