@@ -19,6 +19,10 @@
 # has no network: TRL (step 3's second peer) and Liger-Kernel (step 4) are pure Python, so stage them
 # here and carry the folder along (run's carry: [".gpu_deps"]); steps without them say so and go on:
 #   pip install --no-deps --target .gpu_deps liger-kernel==0.8.5 trl==1.16.0
+#   pip install --no-deps --target .gpu_deps --python-version 3.12 --only-binary=:all: \
+#     --platform manylinux2014_x86_64 --platform any datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+# (TRL imports datasets, which the GPU image lacks; its Python is 3.12). Run there as
+#   bash scripts/gpu_checks.sh; then tar $OUT into one file: the device tool brings back 8 files at most.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
