@@ -22,10 +22,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tipdistill import launch
+from tipdistill import cluster, launch
 from tipdistill.bad_input import describe
-from tipdistill.config import (CONF_DIR, ConfigError, chosen_task, config_groups, register_configs, schema_for, to_plain,
-                               validate)
+from tipdistill.config import (CONF_DIR, ConfigError, chosen_task, config_groups, register_configs, register_resolvers,
+                               schema_for, to_plain, validate)
 log = logging.getLogger("tipdistill")
 
 
@@ -36,6 +36,7 @@ def _safe(text: str) -> str:
 
 if not OmegaConf.has_resolver("safe"):
     OmegaConf.register_new_resolver("safe", _safe)
+register_resolvers()  # also in a submitit task, which unpickles this module's train_task
 
 
 def _fail(exc: Exception) -> None:
@@ -62,14 +63,16 @@ def _typed(cfg: DictConfig):
         _fail(exc)
 
 
-def _run_identity() -> tuple[str, str | None]:
-    """(run name, W&B group): `type_aware-keep0.2-seed1` from the overrides; the sweep dir as group."""
+def _run_identity() -> tuple[str, str | None, str | None]:
+    """(run name, W&B group, W&B run id): `type_aware-keep0.2-seed1` from the overrides; in a sweep the
+    sweep dir as group and an id from the sweep dir and job number, so a requeued job continues its run."""
     from tipdistill.sinks import run_name_from_overrides
 
     hc = HydraConfig.get()
     name = run_name_from_overrides(_overrides())
-    group = Path(hc.sweep.dir).name if str(hc.mode) == "RunMode.MULTIRUN" else None
-    return name, group
+    if str(hc.mode) != "RunMode.MULTIRUN":
+        return name, None, None
+    return name, Path(hc.sweep.dir).name, cluster.sweep_run_id(hc.sweep.dir, hc.job.num)
 
 
 def _discard_if_empty(run_dir: Path) -> None:
@@ -83,35 +86,45 @@ def _discard_if_empty(run_dir: Path) -> None:
 def train_task(cfg: DictConfig) -> float:
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     resume = cfg.get("resume")
-    run_dir = hydra_dir if resume in (None, "true", "True") else Path(str(resume)).expanduser().resolve()
+    run_dir = hydra_dir if resume in (None, "true", "True", "auto") else Path(str(resume)).expanduser().resolve()
     with open_dict(cfg):  # also after `~output_dir`, which validation then reports
         cfg.output_dir = str(run_dir)
     try:
         typed = _validate(cfg)
-        if resume and not (run_dir / "checkpoints").is_dir():
+        if resume not in (None, "auto") and not (run_dir / "checkpoints").is_dir():
             raise ConfigError(f"resume={resume}: {run_dir} has no checkpoints/; fix: pass the directory of an earlier run")
+        _check_submitit_ranks()
     except ConfigError as exc:
         _discard_if_empty(hydra_dir)
         _fail(exc)
-    from tipdistill.train import TrainingStopped, train, write_resolved_config  # seconds of imports: after validation
+    from tipdistill import checkpoint, distributed  # seconds of imports: after validation
+    from tipdistill.train import TrainingStopped, train, write_resolved_config
 
-    if not resume and launch.rank() == 0:
+    if (not resume or (resume == "auto" and checkpoint.latest(run_dir) is None)) and launch.rank() == 0:
         write_resolved_config(to_plain(cfg), run_dir)
-    name, group = _run_identity()
+    name, group, run_id = _run_identity()
     try:
-        from tipdistill import distributed
-
-        summary = train(typed, run_dir, run_name=name, group=group, runtime=distributed.make_runtime(typed))
+        summary = train(typed, run_dir, run_name=name, group=group, wandb_id=run_id, runtime=distributed.make_runtime(typed))
     except ConfigError as exc:
         _discard_if_empty(hydra_dir)
         _fail(exc)
     except TrainingStopped as exc:
         print(f"tipdistill: {exc}", file=sys.stderr)
+        cluster.hand_on(exc.signum)  # in a submitit job: its requeue protocol (rank 0 requeues and exits)
         sys.exit(exc.exit_code)
     distributed.finish()  # a no-op in one process
     log.info("summary: %s", summary)
     log.info("run directory: %s", run_dir)
     return float(summary["eval/accuracy_end"])  # the objective a sweeper optimises
+
+
+def _check_submitit_ranks() -> None:
+    """A submitit job of several tasks must make each task a rank (tipdistill's launchers do); with
+    hydra-submitit-launcher's own, every task would run the whole job in the same directory."""
+    tasks = int(os.environ.get("SUBMITIT_LOCAL_NTASKS", os.environ.get("SLURM_NTASKS", "1")))
+    if cluster.in_submitit_job() and tasks > 1 and not launch.launched():
+        raise ConfigError(f"this submitit job has {tasks} tasks but they are not ranks of one run; fix: use tipdistill's launchers, "
+                          "hydra/launcher=slurm or hydra/launcher=local (not submitit_slurm / submitit_local)")
 
 
 def _one_process(cmd: str) -> None:

@@ -270,7 +270,7 @@ class TrainConfig:
     output_dir: str = "."
     checkpoint_every: int = 50  # steps between checkpoints (also one at the end); 0 = only at the end
     keep_checkpoints: int = 2  # how many step checkpoints to keep
-    resume: Optional[str] = None  # a run directory to continue from its last checkpoint; "true" = this run dir
+    resume: Optional[str] = None  # a run directory to continue from its last checkpoint; "true" = this run dir; "auto" = this one if it has one
     max_consecutive_skips: int = 5  # non-finite loss/grad steps in a row before the run stops
     # [3]-[6] memory knobs for large models (useful on CUDA; they run, slower, on CPU); bf16 compute is model.dtype
     gradient_checkpointing: bool = False  # recompute the student's decoder layers in backward
@@ -330,6 +330,15 @@ def launch_time(pattern: str) -> str:
     return (datetime.fromtimestamp(float(shared)) if shared else datetime.now()).strftime(pattern)
 
 
+def register_resolvers() -> None:
+    """`${launch:...}`: needed wherever a config is resolved, also in a submitit task, which unpickles
+    the launcher and its config without running the CLI's main()."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("launch"):
+        OmegaConf.register_new_resolver("launch", launch_time, use_cache=True)
+
+
 def register_configs() -> None:
     """Make the schemas available to Hydra's defaults lists: `base_train` (conf/train.yaml) and one
     `<task>_schema` per task (conf/task/<task>.yaml starts from its own)."""
@@ -338,8 +347,7 @@ def register_configs() -> None:
 
     from tipdistill.tasks import TASKS
 
-    if not OmegaConf.has_resolver("launch"):
-        OmegaConf.register_new_resolver("launch", launch_time, use_cache=True)
+    register_resolvers()
     cs = ConfigStore.instance()
     base = OmegaConf.structured(TrainConfig)
     # The task node is typed by the base class, so that whichever task schema the task group picks

@@ -102,17 +102,19 @@ def resolve_wandb_mode(mode: Optional[str]) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") or _has_stored_login() else "offline"
 
 
-def wandb_run_id(run_dir: Path, *, resume: bool) -> tuple[str, bool]:
+def wandb_run_id(run_dir: Path, *, resume: bool, derived: Optional[str] = None) -> tuple[str, bool]:
     """(W&B run id, whether an earlier session of this run directory used it).
 
-    The one rule for the id: a new random id when a run starts (a fresh run in a reused directory is
-    a new W&B run), kept in `run_dir/wandb_run_id` and reused when the run resumes, so every session
-    of a run directory logs to one W&B run. (Requeued cluster jobs could derive it from the sweep
-    directory and job number instead: change it here.)"""
+    The one rule for the id, kept in `run_dir/wandb_run_id`: a resumed run reuses the stored id, so every
+    session of a run directory logs to one W&B run. A run that starts gets `derived` when given (a sweep
+    job's id from its sweep directory and job number, `cluster.sweep_run_id`: a requeued job that saved
+    no checkpoint yet starts again in the same W&B run) or else a new random id (a fresh run in a reused
+    directory is a new W&B run)."""
     path = Path(run_dir) / "wandb_run_id"
-    if resume and path.is_file() and path.read_text().strip():
-        return path.read_text().strip(), True
-    run_id = secrets.token_hex(8)  # W&B ids: letters, digits, '-', '_'; 64 random bits
+    stored = path.read_text().strip() if path.is_file() else ""
+    if stored and (resume or stored == derived):
+        return stored, True
+    run_id = derived or secrets.token_hex(8)  # W&B ids: letters, digits, '-', '_'; 64 random bits
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(run_id + "\n")
     os.replace(tmp, path)
@@ -174,19 +176,19 @@ class WandbExtra(NullExtra):
     """One W&B run per run directory; x-axis `train/step` (never `step=`, P12); failures degrade to a no-op."""
 
     def __init__(self, cfg: LoggerConfig, run_dir: Path, *, run_name: str, group: Optional[str], config: dict,
-                 resume: bool = False):
+                 resume: bool = False, run_id: Optional[str] = None):
         self.run = None  # kept after a failure so close() can still finish it
         self.ok = False
         self._defined: set[str] = set()
         try:
             import wandb
 
-            run_id, continues = wandb_run_id(run_dir, resume=resume)
+            run_id, continues = wandb_run_id(run_dir, resume=resume, derived=run_id)
             self.logged = wandb_logged(run_dir, run_id) if continues else frozenset()
             self.run = wandb.init(
                 project=cfg.project, entity=cfg.entity, mode=resolve_wandb_mode(cfg.mode), group=group,
                 name=run_name, job_type="train", tags=list(cfg.tags), dir=str(run_dir), config=config,
-                id=run_id, resume="allow",  # a resumed job continues the W&B run of its run directory
+                id=run_id, resume="allow",  # a resumed or requeued job continues the W&B run of its run directory
                 reinit="finish_previous",  # the default reuses the previous job's run in a multirun (P4)
             )
             self.run.define_metric("train/step")
@@ -334,7 +336,7 @@ class SilentSink(Sink):
 
 
 def open_sink(cfg: LoggerConfig, run_dir: Path, *, run_name: str, group: Optional[str], config: dict,
-              resume: bool = False, enabled: bool = True) -> Sink:
+              run_id: Optional[str] = None, resume: bool = False, enabled: bool = True) -> Sink:
     """The one sink of a job. `config` must be a plain resolved dict (`config.to_plain`, P7). `enabled=False`
     (a job's non-main ranks) gives a sink that writes nothing: one W&B run and one metrics file per job."""
     if not isinstance(config, dict):  # a DictConfig shows raw ${...} in W&B (P7)
@@ -345,14 +347,14 @@ def open_sink(cfg: LoggerConfig, run_dir: Path, *, run_name: str, group: Optiona
     run_dir.mkdir(parents=True, exist_ok=True)
     extra_cls = SINKS.get(cfg.name)
     sink = Sink(run_dir, resume=resume)  # local files first: they exist even if W&B init hangs or dies
-    sink.extra = extra_cls(cfg, run_dir, run_name=run_name, group=group, config=config, resume=resume)
+    sink.extra = extra_cls(cfg, run_dir, run_name=run_name, group=group, config=config, resume=resume, run_id=run_id)
     return sink
 
 
 # ---------------------------------------------------------------- run names
 
 _GROUPS = {"model", "task", "rollout", "selector", "scoring", "loss", "optim", "logger", "eval", "experiment", "debug", "sweep"}
-_DROP = re.compile(r"^(logger|hydra)(\.|$)|^model\.(student|teacher)$|(^|\.)(path|dir|output_dir|cache_dir|device)$")
+_DROP = re.compile(r"^(logger|hydra)(\.|$)|^model\.(student|teacher)$|^resume$|(^|\.)(path|dir|output_dir|cache_dir|device)$")
 
 
 def run_name_from_overrides(overrides: list[str]) -> str:

@@ -42,21 +42,24 @@ log = logging.getLogger(__name__)
 class TrainingStopped(RuntimeError):
     """The run stopped early on purpose (signal or repeated numerical faults); a checkpoint was saved."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, signum: int | None = None):
         super().__init__(message)
         self.exit_code = exit_code
+        self.signum = signum  # the signal that stopped it (the CLI hands it on: a submitit job requeues)
 
 
 def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str | None = None,
-          runtime: Runtime | None = None) -> dict:
+          wandb_id: str | None = None, runtime: Runtime | None = None) -> dict:
     """Run one distillation job; writes metrics.jsonl, summary.json and checkpoints/ into run_dir."""
     t_start = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
     runtime = runtime or LocalRuntime.from_config(cfg)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    # verified before anything loads: a damaged newest checkpoint falls back to an older intact one
-    resume_from, state = checkpoint.newest_intact(run_dir) if cfg.resume else (None, None)
+    # verified before anything loads: a damaged newest checkpoint falls back to an older intact one;
+    # resume=auto (a requeued cluster job) starts afresh when no checkpoint was saved yet
+    fresh = cfg.resume == "auto" and checkpoint.latest(run_dir) is None
+    resume_from, state = checkpoint.newest_intact(run_dir) if cfg.resume and not fresh else (None, None)
     if resume_from is not None:
         runtime.checkpoints.check(resume_from)  # written by as many processes as this run has
 
@@ -85,7 +88,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
                                         cfg.keep_checkpoints)
 
     signals = _SignalFlag()
-    with signals, open_sink(cfg.logger, run_dir, run_name=run_name, group=group, config=to_plain(cfg),
+    with signals, open_sink(cfg.logger, run_dir, run_name=run_name, group=group, config=to_plain(cfg), run_id=wandb_id,
                             resume=resume_from is not None, enabled=runtime.is_main) as sink:
         if resume_from is None:
             last_eval = run_eval(0)
@@ -143,10 +146,11 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
                 raise TrainingStopped(f"{consecutive_skips} steps in a row had a non-finite loss or gradient (step {step}); "
                                       f"the last good weights are in {path}; fix: lower optim.lr or check the data", 3)
             if runtime.sum(int(signals.received is not None)):  # every rank stops after the same step
-                received = signals.received or signal.SIGTERM
+                requeue = runtime.sum(int(signals.received == signal.SIGUSR2)) > 0  # and agrees on the cluster's warning
+                received = int(signal.SIGUSR2 if requeue else (signals.received or signal.SIGTERM))
                 path = save_checkpoint(step)
                 raise TrainingStopped(f"stopped by signal {received} after step {step}; checkpoint {path}; "
-                                      f"continue with: tipdistill train <same overrides> resume={run_dir}", 128 + received)
+                                      f"continue with: tipdistill train <same overrides> resume={run_dir}", 128 + received, received)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 save_checkpoint(step)
 
@@ -205,7 +209,9 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 class _SignalFlag:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the step and exits cleanly."""
+    """SIGINT/SIGTERM/SIGUSR2 set a flag; the loop checkpoints at the end of the step and exits cleanly. USR2
+    is SLURM's warning before a time limit or preemption (submitit asks for it); the handler it replaces
+    gets the signal after the checkpoint (tipdistill/cluster.py: submitit requeues the job)."""
 
     def __init__(self):
         self.received = None
@@ -219,7 +225,7 @@ class _SignalFlag:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
