@@ -164,3 +164,15 @@ def test_requeue_signal_checkpoints_and_the_job_resumes_to_the_same_metrics(tmp_
     sessions = sorted((run0 / "wandb").glob("offline-run-*"))
     assert len(sessions) == 2 and all(s.name.endswith(run_id) for s in sessions)  # the requeued job continued its W&B run
     assert [s.name.rsplit("-", 1)[1] for s in (run1 / "wandb").glob("offline-run-*")] == [cluster.sweep_run_id(sweep_dir, 1)]
+
+
+@pytest.mark.integration
+def test_hydra_submitit_launchers_own_local_launcher_refuses_a_job_of_several_tasks(tmp_path, tiny_pair):
+    """hydra/launcher=submitit_local would run the whole job once per task in one directory: one clear line."""
+    sweep_dir = tmp_path / "sweep"
+    out = subprocess.run([EXE, "train", "-m", *TINY_PAIR, "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+                          "rollout=hf", "steps=1", "prompts_per_step=4", f"hydra.sweep.dir={sweep_dir}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    assert out.returncode != 0
+    assert "this submitit job has 2 tasks but they are not ranks of one run; fix: use tipdistill's launchers" in out.stdout + out.stderr
+    assert job_dirs(sweep_dir) == []  # nothing half-written is left behind
