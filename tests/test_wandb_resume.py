@@ -122,6 +122,20 @@ def test_run_id_is_new_for_a_fresh_run_and_kept_on_resume(tmp_path):
     assert wandb_run_id(tmp_path / "other", resume=True)[1] is False  # resumed, but W&B was not used before
 
 
+
+def test_a_sweep_jobs_derived_id_survives_a_restart_before_its_first_checkpoint(tmp_path):
+    """A requeued cluster job with no checkpoint starts afresh (resume=auto) but stays in its W&B run:
+    the id derived from the sweep directory and job number is stored, and found again."""
+    from tipdistill import cluster
+    from tipdistill.sinks import wandb_run_id
+
+    derived = cluster.sweep_run_id(tmp_path / "sweep", 3)
+    assert wandb_run_id(tmp_path, resume=False, derived=derived) == (derived, False)
+    assert wandb_run_id(tmp_path, resume=False, derived=derived) == (derived, True)  # the restart: the same run
+    assert wandb_run_id(tmp_path, resume=True, derived=derived) == (derived, True)
+    other = cluster.sweep_run_id(tmp_path / "sweep", 4)  # another job reusing the directory: its own run
+    assert wandb_run_id(tmp_path, resume=False, derived=other) == (other, False)
+
 def test_a_resumed_sink_skips_only_what_wandbs_own_log_holds(hermetic_wandb, tmp_path):
     """Two sessions of one run directory: the second continues the W&B run and sends only the calls
     the first session's transaction log lacks (here the log is cut as a kill leaves it)."""
