@@ -111,3 +111,13 @@ def test_results_file_takes_commands_machine_and_wall_time_from_grid_json(grid: 
     assert "Machine: cpu Test CPU 9000, cores 2, memory 24 GiB." in md
     assert "Grid wall time, all sittings: 1.50 h." in md
     assert "| 1 | 2026-01-01T10:00:00+00:00 | 2026-01-01T11:00:00+00:00 | 1.00 h | 10 | 0 | 0 | 2 | 1 | 0.10/0.20/0.30 / 1.90/1.80/1.50 |" in md
+    assert "Partial grid" not in md  # no sitting says how many jobs it planned
+
+
+def test_results_file_says_when_the_grid_is_unfinished(grid: Path, tmp_path: Path):
+    n_runs = len(list(grid.rglob("summary.json")))
+    (grid / "grid.json").write_text(json.dumps({"grid": "evidence", "sittings": [
+        {"command": "python scripts/evidence_grid.py --jobs 2", "wall_s": 60.0, "planned": n_runs + 3, "ran": n_runs, "jobs": []}]}))
+    docs = tmp_path / "results.md"
+    assert main_report([str(grid), "--out", str(tmp_path / "rep"), "--results", str(docs)]) == 0
+    assert (f"**Partial grid: {n_runs} of {n_runs + 3} planned jobs have finished.**" in docs.read_text())

@@ -177,6 +177,17 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
+def completeness(grids: list[dict], n_runs: int) -> list[str]:
+    """A line saying the grid is unfinished when its last sitting planned more jobs than have results:
+    verdicts over fewer seeds than planned must not read as the grid's final word."""
+    planned = sum(g["sittings"][-1].get("planned", 0) for g in grids if g.get("sittings"))
+    if not planned or n_runs >= planned:
+        return []
+    last = [g["sittings"][-1]["command"] for g in grids if g.get("sittings")]
+    return [f"**Partial grid: {n_runs} of {planned} planned jobs have finished.** The verdicts below use the seeds "
+            f"present; `{last[-1]}` continues the grid (finished jobs are skipped), then rerun this command.", ""]
+
+
 def provenance(grids: list[dict], runs: pd.DataFrame, report_command: list[str]) -> list[str]:
     """Markdown lines: the commands, the machine and the wall time, all read from grid.json and the runs."""
     lines = ["## How these numbers were produced", ""]
@@ -230,6 +241,7 @@ def write_results(rep: Report, paths: list[Path], out_md: Path, command: list[st
     now = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     md = ["# Results: token selection on the embedded tasks, with intervals over seeds", "",
           f"_Written by `{' '.join(command)}` on {now} from {len(runs)} runs. Do not edit by hand: rerun the command._", "",
+          *completeness(find_grid_logs(paths), len(runs)),
           "## Verdicts on the paper's claims", "",
           "Metric: final held-out sampled accuracy (`eval/accuracy_end`); planning counts fully valid plans. "
           "Difference: A − B paired over the seeds both configurations have.", "", VERDICT_RULE, "",
