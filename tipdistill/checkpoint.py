@@ -92,6 +92,12 @@ def _step_of(path: Path) -> int | None:
     return int(name) if name.isdigit() else None
 
 
+def starts_afresh(resume: Optional[str], run_dir: Path) -> bool:
+    """The one rule for whether a run begins at step 0: no `resume`, or `resume=auto` (a requeued cluster
+    job) in a run directory without a checkpoint yet."""
+    return not resume or (resume == "auto" and latest(run_dir) is None)
+
+
 def latest(run_dir: Path) -> Path | None:
     pointer = run_dir / "checkpoints" / "latest"
     if pointer.exists():

@@ -100,7 +100,7 @@ def train_task(cfg: DictConfig) -> float:
     from tipdistill import checkpoint, distributed  # seconds of imports: after validation
     from tipdistill.train import TrainingStopped, train, write_resolved_config
 
-    if (not resume or (resume == "auto" and checkpoint.latest(run_dir) is None)) and launch.rank() == 0:
+    if checkpoint.starts_afresh(resume, run_dir) and launch.rank() == 0:
         write_resolved_config(to_plain(cfg), run_dir)
     name, group, run_id = _run_identity()
     try:
@@ -219,7 +219,7 @@ def _join_job(argv: list[str]) -> None:
     distributed.start()
     os.environ["TIPDISTILL_LAUNCH_TIME"] = repr(distributed.launch_time())
     if launch.rank() != 0:
-        argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING"]
+        argv += launch.QUIET_RANK
 
 
 if __name__ == "__main__":

@@ -26,12 +26,10 @@ import os
 import signal
 from pathlib import Path
 
+from tipdistill.launch import QUIET_RANK
+
 log = logging.getLogger(__name__)
 
-REQUEUE_SIGNAL = signal.SIGUSR2  # submitit's (SLURM: `#SBATCH --signal=USR2@<signal_delay_s>`; its local executor too)
-
-# Hydra settings for ranks other than 0: no .hydra/ files, no job log file, warnings to the console only.
-QUIET_RANK = ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING"]
 
 
 def in_submitit_job() -> bool:

@@ -56,10 +56,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, run_name: str = "run", group: str 
     runtime = runtime or LocalRuntime.from_config(cfg)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    # verified before anything loads: a damaged newest checkpoint falls back to an older intact one;
-    # resume=auto (a requeued cluster job) starts afresh when no checkpoint was saved yet
-    fresh = cfg.resume == "auto" and checkpoint.latest(run_dir) is None
-    resume_from, state = checkpoint.newest_intact(run_dir) if cfg.resume and not fresh else (None, None)
+    # verified before anything loads: a damaged newest checkpoint falls back to an older intact one
+    resume_from, state = (None, None) if checkpoint.starts_afresh(cfg.resume, run_dir) else checkpoint.newest_intact(run_dir)
     if resume_from is not None:
         runtime.checkpoints.check(resume_from)  # written by as many processes as this run has
 
