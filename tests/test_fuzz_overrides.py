@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONF_DIR, load_config
+from conftest import CONF_DIR, hydra_session, load_config
 
 UNSET_ENV = "TIPDISTILL_FUZZ_UNSET"
 
@@ -326,23 +326,24 @@ def test_fuzzed_overrides_end_in_a_valid_config_or_one_clear_line(n, no_loading,
     monkeypatch.delenv(UNSET_ENV, raising=False)
     outcomes = collections.defaultdict(collections.Counter)
     examples = collections.defaultdict(dict)
-    for cls, overrides in cases(n):
-        try:
-            cfg = load_config(overrides)
-        except ConfigError as exc:
-            message = str(exc)
-            assert message and "\n" not in message and "Traceback" not in message, (overrides, message)
-            assert len(message) < 600, (overrides, message)
-            assert _names_the_input(message, overrides), (overrides, message)
-            outcomes[cls]["error"] += 1
-            examples[cls].setdefault(message.split(";")[0][:60], (" ".join(overrides), message))
-        except LoadedTooEarly:
-            raise
-        except Exception as exc:  # anything else would reach the user as a traceback
-            pytest.fail(f"{overrides}: unhandled {type(exc).__name__}: {exc}")
-        else:
-            _check_valid(cfg, overrides)
-            outcomes[cls]["valid"] += 1
+    with hydra_session():  # one Hydra initialisation; every case still composes and validates from scratch
+        for cls, overrides in cases(n):
+            try:
+                cfg = load_config(overrides)
+            except ConfigError as exc:
+                message = str(exc)
+                assert message and "\n" not in message and "Traceback" not in message, (overrides, message)
+                assert len(message) < 600, (overrides, message)
+                assert _names_the_input(message, overrides), (overrides, message)
+                outcomes[cls]["error"] += 1
+                examples[cls].setdefault(message.split(";")[0][:60], (" ".join(overrides), message))
+            except LoadedTooEarly:
+                raise
+            except Exception as exc:  # anything else would reach the user as a traceback
+                pytest.fail(f"{overrides}: unhandled {type(exc).__name__}: {exc}")
+            else:
+                _check_valid(cfg, overrides)
+                outcomes[cls]["valid"] += 1
     print(f"\nfuzzed overrides, {n} cases (class: outcomes; one example per kind of message)")
     for cls in CLASSES:
         print(f"{cls}: {dict(outcomes[cls])}")
