@@ -102,25 +102,6 @@ def metric_lines(run: Path) -> list[dict]:
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.integration
-def test_local_sweep_two_jobs_each_a_two_rank_world(tmp_path, tiny_pair):
-    sweep_dir = tmp_path / "sweep"
-    finish(sweep(["steps=2", "seed=0,1", f"hydra.sweep.dir={sweep_dir}"], tmp_path))
-    runs = job_dirs(sweep_dir)
-    assert [r.name.split("_")[0] for r in runs] == ["0", "1"]
-    for run, seed in zip(runs, (0, 1)):
-        assert {p.name for p in run.iterdir()} == RANK0_FILES, run  # nothing per rank beside the sharded checkpoint
-        assert f"seed={seed}" in yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
-        assert [m["step"] for m in metric_lines(run)] == [0, 1, 2]
-        assert (run / "train.log").read_text().count("resolved config") == 1  # rank 1 logs warnings to its console only
-        step = run / "checkpoints" / "step_000002"
-        assert json.loads((step / "sharded.json").read_text()) == {"world_size": 2}  # one job = one 2-rank run
-        assert sorted(p.name for p in (step / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    report = subprocess.run([EXE, "report", str(sweep_dir)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert report.returncode == 0, report.stderr
-    assert "| full | 1 | 0,1 |" in report.stdout and (sweep_dir / "report.csv").is_file()
-
-
 def submitit_tasks(launcher_pid: int, job_id: str) -> list:
     """The task processes (ranks) of one submitit-local job, by its job id (the controller's pid)."""
     import psutil
@@ -130,10 +111,11 @@ def submitit_tasks(launcher_pid: int, job_id: str) -> list:
 
 
 @pytest.mark.integration
-def test_requeue_signal_checkpoints_and_the_job_resumes_to_the_same_metrics(tmp_path, tiny_pair):
-    """Two identical jobs; job 0 gets SLURM's warning signal (USR2) after its first step: it checkpoints,
-    submitit requeues it, and it resumes from its own run directory, in the same W&B run, to the metrics of
-    job 1, which ran through."""
+def test_a_sweep_of_two_rank_jobs_and_a_requeued_job_resumes_to_the_same_metrics(tmp_path, tiny_pair):
+    """A local sweep of two identical jobs, each a 2-rank world; job 0 gets SLURM's warning signal (USR2)
+    after its first step: it checkpoints, submitit requeues it, and it resumes from its own run directory,
+    in the same W&B run, to the metrics of job 1, which ran through. Job 1 is also what any sweep job should
+    leave: rank 0's files only, one sharded checkpoint of the 2-rank run; `tipdistill report` reads the sweep."""
     sweep_dir = tmp_path / "sweep"
     proc = sweep(["steps=6", "seed=3,3", "logger=wandb", f"hydra.sweep.dir={sweep_dir}"], tmp_path)
     deadline = time.time() + 600
@@ -164,6 +146,18 @@ def test_requeue_signal_checkpoints_and_the_job_resumes_to_the_same_metrics(tmp_
     sessions = sorted((run0 / "wandb").glob("offline-run-*"))
     assert len(sessions) == 2 and all(s.name.endswith(run_id) for s in sessions)  # the requeued job continued its W&B run
     assert [s.name.rsplit("-", 1)[1] for s in (run1 / "wandb").glob("offline-run-*")] == [cluster.sweep_run_id(sweep_dir, 1)]
+
+    assert {p.name for p in run1.iterdir()} == RANK0_FILES | {"wandb", "wandb_run_id"}, run1  # nothing per rank beside the sharded checkpoint
+    assert "seed=3" in yaml.safe_load((run1 / ".hydra" / "overrides.yaml").read_text())
+    assert [m["step"] for m in metric_lines(run1)] == list(range(7))
+    assert (run1 / "train.log").read_text().count("resolved config") == 1  # rank 1 logs warnings to its console only
+    step = run1 / "checkpoints" / "step_000006"
+    assert json.loads((step / "sharded.json").read_text()) == {"world_size": 2}  # one job = one 2-rank run
+    assert sorted(p.name for p in (step / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    report = subprocess.run([EXE, "report", str(sweep_dir)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr
+    assert report.stdout.startswith("2 runs.") and "| full | 1 | 3,3 |" in report.stdout  # both jobs, one row
+    assert (sweep_dir / "report.csv").is_file()
 
 
 @pytest.mark.integration
