@@ -192,6 +192,8 @@ def _run_app(task) -> None:
         if line is None:
             raise
         _fail(ConfigError(line))
+    finally:  # called in-process (tests, a torchrun worker): leave the environment as it was
+        os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 COMMANDS = {"train": train_task, "prepare": prepare_task, "analyze": analyze_task}
