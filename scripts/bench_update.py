@@ -375,6 +375,8 @@ def run_one(args) -> dict:
             times.append(dt)
             cpu_times.append(dc)
     meter.close()
+    phase_peak, phase_time = dict(meter.peak), dict(meter.time)
+    profiled = profile_steps(update, meter, device, p["warmup"] + p["repeats"]) if p.get("profile") else None
     peak = max(peaks)  # CUDA: reset before each step, max_memory_allocated after; CPU: ru_maxrss
     out = {
         "config": args.one, "selector": name, "keep": keep, "device": str(device),
@@ -386,7 +388,7 @@ def run_one(args) -> dict:
         "step_peak_not_above_setup": (setup_maxrss is not None and peak <= setup_maxrss),
         "times_s": times, "median_s": statistics.median(times), "setup_s": setup_s,
         "cpu_times_s": cpu_times, "median_cpu_s": statistics.median(cpu_times),
-        "phase_peak_bytes": meter.peak, "phase_time_s": meter.time,
+        "phase_peak_bytes": phase_peak, "phase_time_s": phase_time, "profile": profiled,
         "student_params": sum(x.numel() for x in student.parameters()),
         "teacher_params": sum(x.numel() for x in teacher.parameters()),
         **info,
@@ -394,6 +396,48 @@ def run_one(args) -> dict:
     if cuda:
         out["max_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
     return out
+
+
+def profile_steps(update, meter: PhaseMeter, device, first_step: int, n: int = 2) -> dict:
+    """--profile: where a warm step's time goes, measured after the timed steps (it changes none of their
+    numbers). First n steps with a device sync at every phase boundary (mean wall time per phase; the syncs
+    stop host/device overlap, so the phases can add up to more than an unsynced step); then one step under
+    torch.profiler: the device's busy time (the sum of kernel times, CPU op time on CPU) against the step's
+    wall time, and the ops that take most of it. Busy time far below the wall time means the step waits on
+    the host (launches, syncs), not on arithmetic."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    meter.time, meter.enabled = {}, True
+    synced = []
+    for i in range(n):
+        meter.sync()
+        t0 = time.perf_counter()
+        update(first_step + i)
+        meter.sync()
+        synced.append(time.perf_counter() - t0)
+    phase_s = {k: v / n for k, v in meter.time.items()}
+    meter.close()
+    meter.sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t0 = time.perf_counter()
+        update(first_step + n)
+        meter.sync()
+        wall = time.perf_counter() - t0
+
+    def self_us(e) -> float:  # CUDA: the device time of the kernels an op launched itself; CPU: its own CPU time
+        if cuda:
+            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        return e.self_cpu_time_total
+
+    events = prof.key_averages()
+    # busy: kernels (device-side events) only; an op's self device time repeats its kernels' time
+    busy_us = sum(self_us(e) for e in events if (e.device_type != torch.autograd.DeviceType.CPU) == cuda)
+    ops = sorted((e for e in events if e.key.startswith("aten::")), key=self_us, reverse=True)
+    top = [{"name": e.key, "calls": e.count, "s": self_us(e) / 1e6} for e in ops[:12] if self_us(e) > 0]
+    return {"synced_step_s": statistics.median(synced), "phase_s": phase_s, "profiled_wall_s": wall,
+            "busy_s": busy_us / 1e6, "top": top}
 
 
 # --- floor estimate ---------------------------------------------------------------------------------------------
@@ -601,6 +645,23 @@ def report(results: dict, p: dict, args, total_s: float) -> str:
         losses = ", ".join(f"{k} {r['loss']:.6f}" for k, r in ok.items() if k in (*PEERS, "full"))
         if losses:
             lines.append(f"All-token losses (the same batch and weights): {losses}.")
+    profiled = {k: r["profile"] for k, r in ok.items() if r.get("profile")}
+    if profiled:
+        phases = ["student_forward", "statistics", "selection", "loss", "backward", "optimizer"]
+        busy = "device busy (kernel time)" if args.device == "cuda" else "CPU op time"
+        lines.append("")
+        lines.append(f"Where a warm step's time goes (--profile, steps after the timed ones): per-phase s with a device sync "
+                     f"at each boundary (mean of 2 steps), then one step under torch.profiler: {busy} against its wall time")
+        lines.append("")
+        lines.append("| config | median step s | synced step s | " + " | ".join(phases) + f" | profiled step s | {busy} s | busy / wall |")
+        lines.append("|---|" + "---|" * (len(phases) + 5))
+        for k, pr in profiled.items():
+            cells = [f"{pr['phase_s'][ph]:.4f}" if ph in pr["phase_s"] else "-" for ph in phases]
+            lines.append(f"| {k} | {ok[k]['median_s']:.4f} | {pr['synced_step_s']:.4f} | " + " | ".join(cells)
+                         + f" | {pr['profiled_wall_s']:.4f} | {pr['busy_s']:.4f} | {pr['busy_s'] / pr['profiled_wall_s']:.2f} |")
+        for k, pr in profiled.items():
+            lines.append("")
+            lines.append(f"Top aten ops of {k} ({busy}): " + "; ".join(f"{t['name']} x{t['calls']} {t['s'] * 1e3:.1f} ms" for t in pr["top"]))
     lines.append(f"Total benchmark wall time: {total_s:.0f} s.")
     return "\n".join(lines)
 
@@ -619,6 +680,7 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run: later configs are skipped, the table still printed")
     ap.add_argument("--grad-ckpt", action="store_true", help="student gradient checkpointing (non-reentrant)")
     ap.add_argument("--phases", action="store_true", help="always print the per-phase memory table")
+    ap.add_argument("--profile", action="store_true", help="after the timed steps: per-phase times with syncs and a torch.profiler step")
     ap.add_argument("--malloc-default", action="store_true", help="CPU: keep glibc's default mmap threshold")
     ap.add_argument("--out", default=None, help="write <out>.md and <out>.json")
     ap.add_argument("--block-imports", default="", help="dev aid, e.g. hydra,omegaconf,wandb,vllm: rehearse a bare env")
@@ -637,6 +699,7 @@ def main() -> int:
         if getattr(args, key) is not None:
             p[key] = getattr(args, key)
     p["grad_ckpt"] = args.grad_ckpt
+    p["profile"] = args.profile
     return run_all(args, p)
 
 

@@ -15,6 +15,9 @@
 #     8 x 1024 response tokens, V = 151,936, fp32 master student under bf16 autocast, teacher bf16):
 #     both peers (peer-style, TRL's generalized_jsd_loss), full and the selective keeps;      ~200 s
 #  4) Liger-Kernel's fused linear JSD against ours on kept rows (scripts/bench_liger.py).     ~40 s
+#  5) `bash scripts/gpu_checks.sh profile` runs only this one: where a warm update step's time goes
+#     (bench_update.py --profile: per-phase times with syncs, device busy time against wall time, top
+#     kernels) for peer, full and the selective keeps at 0.2, with and without grad ckpt.       ~150 s
 # Needs torch + transformers (the update step imports without Hydra/omegaconf/wandb/vLLM). The GPU box
 # has no network: TRL (step 3's second peer) and Liger-Kernel (step 4) are pure Python, so stage them
 # here and carry the folder along (run's carry: [".gpu_deps"]); steps without them say so and go on:
@@ -41,6 +44,17 @@ print(f"card: {torch.cuda.get_device_name()} ({p.total_memory / 2**30:.0f} GiB) 
       f"(CUDA {torch.version.cuda}) | transformers {transformers.__version__} | importable: {extra}")
 EOF
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_checks: CUDA/torch check failed"; exit 1; }
+
+if [ "${1:-all}" = profile ]; then
+  echo "=== 5) where a warm update step's time goes (torch.profiler) ==="
+  "$PY" scripts/bench_update.py --device cuda --profile --budget 110 --configs peer,full,type_aware@0.2,q3@0.2 \
+    --out "$DEST/profile_update_cuda" 2>&1 | tee "$DEST/profile_update_cuda.log"
+  rc=${PIPESTATUS[0]}
+  "$PY" scripts/bench_update.py --device cuda --profile --grad-ckpt --budget 80 --configs peer,full,type_aware@0.2 \
+    --out "$DEST/profile_update_cuda_gradckpt" 2>&1 | tee "$DEST/profile_update_cuda_gradckpt.log"
+  echo "gpu_checks profile: done in $(( $(date +%s) - START )) s (rc=$rc, grad ckpt rc=${PIPESTATUS[0]}); results in $DEST"
+  exit "$rc"
+fi
 
 echo "=== 0) world-size-1 FSDP2 vs one process (update step) ==="
 timeout 150 "$PY" scripts/fsdp_check.py --device cuda --out "$DEST/fsdp_check" 2>&1 | tee "$DEST/fsdp_check.log"
