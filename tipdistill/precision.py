@@ -72,8 +72,10 @@ class UpdateMeter:
     weights (fp32 parameters, or bf16 parameters plus their Kahan compensation). A run whose weights do
     not move shows 0 at step 1.
 
-    Measured on a fixed, evenly strided sample of at most `sample` weights spread over every tensor
-    (all of them below that), so it costs a few MB and two gathers per step however big the model."""
+    Measured on every `stride`-th weight of each tensor, about `sample` weights in all (every weight below
+    that; integer strides stay exact at any tensor size). The sample is strided views joined by one
+    `torch.cat`, so it costs a few MB and a handful of kernels per step however many tensors the model
+    has (a gather per tensor was ~900 kernel launches: 0.02 s of a 0.19 s step on an H200)."""
 
     NO_STEP = {"optim/update_ratio": 0.0, "optim/update_moved_frac": 0.0}
 
@@ -82,34 +84,31 @@ class UpdateMeter:
         process samples its own shard."""
         self.optimizer = optimizer
         self.cat = cat or (lambda x_N: x_N)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        share = min(1.0, sample / max(1, sum(_local(p).numel() for p in params)))
-        self.index = []
-        for p in params:
-            n = _local(p).numel()
-            k = max(1, math.ceil(n * share))
-            # integer arithmetic: a float32 linspace rounds past the last index above 2**24 weights
-            idx = None if k >= n else torch.arange(k, device=_local(p).device) * (n - 1) // max(1, k - 1)
-            self.index.append((p, idx))
+        self.params = [p for group in optimizer.param_groups for p in group["params"] if _local(p).numel()]
+        self.stride = max(1, sum(_local(p).numel() for p in self.params) // sample)
+
+    def _view(self, t: torch.Tensor) -> torch.Tensor:
+        return _local(t).detach().reshape(-1)[:: self.stride]
 
     @torch.no_grad()
     def _master_sample(self) -> torch.Tensor:
-        parts = []
-        for p, idx in self.index:
-            w = _local(p).detach().reshape(-1)
-            w = (w if idx is None else w[idx]).float()
-            comp = self.optimizer.state.get(p, {}).get("kahan_comp")
-            if torch.is_tensor(comp) and _local(comp).numel() == _local(p).numel():
-                c = _local(comp).reshape(-1)
-                w = w + (c if idx is None else c[idx]).float()
-            parts.append(w)
-        return torch.cat(parts)  # a copy: the step cannot change it
+        if not self.params:
+            return torch.zeros(0)
+        w_N = torch.cat([self._view(p) for p in self.params]).float()  # a copy: the step cannot change it
+        comps = [self.optimizer.state.get(p, {}).get("kahan_comp") for p in self.params]
+        comps = [c if torch.is_tensor(c) and _local(c).numel() == _local(p).numel() else None for c, p in zip(comps, self.params)]
+        if all(c is not None for c in comps):
+            w_N += torch.cat([self._view(c) for c in comps]).float()
+        elif any(c is not None for c in comps):
+            w_N += torch.cat([self._view(c).float() if c is not None else torch.zeros_like(self._view(p), dtype=torch.float32)
+                              for c, p in zip(comps, self.params)])
+        return w_N
 
     def __call__(self) -> dict:
         """`optimizer.step()`, and the metrics of the update it applied."""
-        before = self._master_sample()
+        before_N = self._master_sample()
         self.optimizer.step()
-        delta = self.cat(self._master_sample() - before)
-        before = self.cat(before)
-        return {"optim/update_ratio": float(delta.norm() / before.norm().clamp_min(1e-30)),
-                "optim/update_moved_frac": float((delta != 0).float().mean())}
+        delta_N = self.cat(self._master_sample() - before_N)
+        before_N = self.cat(before_N)
+        ratio, moved = torch.stack([delta_N.norm() / before_N.norm().clamp_min(1e-30), (delta_N != 0).float().mean()]).tolist()
+        return {"optim/update_ratio": ratio, "optim/update_moved_frac": moved}
