@@ -17,7 +17,6 @@ fp32 master 4 + 4 + 8 = 16; pure bf16 with Kahan 2 + 2 + 4 + 2 = 10; plain AdamW
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
