@@ -17,7 +17,7 @@
 #  4) Liger-Kernel's fused linear JSD against ours on kept rows (scripts/bench_liger.py).     ~40 s
 #  5) `bash scripts/gpu_checks.sh profile` runs only this one: where a warm update step's time goes
 #     (bench_update.py --profile: per-phase times with syncs, device busy time against wall time, top
-#     kernels) for peer, full and the selective keeps at 0.2, with and without grad ckpt.       ~150 s
+#     aten ops) for peer, full and the selective keeps at 0.2, with and without grad ckpt.       ~150 s
 # Needs torch + transformers (the update step imports without Hydra/omegaconf/wandb/vLLM). The GPU box
 # has no network: TRL (step 3's second peer) and Liger-Kernel (step 4) are pure Python, so stage them
 # here and carry the folder along (run's carry: [".gpu_deps"]); steps without them say so and go on:

@@ -96,11 +96,8 @@ class UpdateMeter:
         w_N = torch.cat([self._view(p) for p in self.params]).float()  # a copy: the step cannot change it
         comps = [self.optimizer.state.get(p, {}).get("kahan_comp") for p in self.params]
         comps = [c if torch.is_tensor(c) and _local(c).numel() == _local(p).numel() else None for c, p in zip(comps, self.params)]
-        if all(c is not None for c in comps):
-            w_N += torch.cat([self._view(c) for c in comps]).float()
-        elif any(c is not None for c in comps):
-            w_N += torch.cat([self._view(c).float() if c is not None else torch.zeros_like(self._view(p), dtype=torch.float32)
-                              for c, p in zip(comps, self.params)])
+        if any(c is not None for c in comps):  # Kahan: the master weight is the bf16 weight plus its compensation
+            w_N += torch.cat([torch.zeros_like(self._view(p)) if c is None else self._view(c) for c, p in zip(comps, self.params)]).float()
         return w_N
 
     def __call__(self) -> dict:
